@@ -1,0 +1,408 @@
+"""Countdown, the task: problems, the reference search, prompts, verification, the oracle.
+
+Combine all n given numbers with + - * / into the target; every intermediate result must be
+a whole number in [0, 2000). A model writes a verbalised depth-first search (LongProc format),
+a trace-back, then a <Solution> block of n-1 equations.
+
+    python countdown.py 21 16 17 26 46        # print the reference search for one problem
+    python -m pytest tests/test_countdown.py  # its checks, incl. LongProc byte-for-byte
+
+Plain functions, standard library only (no torch): everything else imports this file,
+this file imports nothing of ours.
+"""
+import functools
+import json
+import math
+import random
+import re
+from fractions import Fraction
+from typing import NamedTuple
+
+MAX_VALUE = 2000  # results must stay below this (LongProc's "maximum intermediate result")
+OPS = "+-*/"  # the order in which the search tries operations
+
+
+class Problem(NamedTuple):
+    nums: tuple
+    target: int
+
+
+def problem_key(nums, target):
+    """Order-free identity of a problem: used to keep held-out problems out of training."""
+    return tuple(sorted(nums)), target
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic shared by the search, the oracle and the verifier
+
+def whole_result(a, b, op):
+    """a op b for whole numbers a, b if it is a whole number, else None (x / 0, inexact /)."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a // b if b and a % b == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference search (LongProc's verbalised DFS)
+
+def _fmt_list(nums):
+    return "[" + ", ".join(str(x) for x in nums) + "]"
+
+
+def _state_text(nums, target):
+    if len(nums) == 2:
+        return f"{_fmt_list(nums)}, target: {target}, just two numbers left."
+    pairs = ", ".join(f"({nums[i]}, {nums[j]})" for i in range(len(nums)) for j in range(i + 1, len(nums)))
+    return f"{_fmt_list(nums)}, target: {target}. Options for choosing two numbers: [{pairs}]."
+
+
+def _search(nums, target, depth, lines, path):
+    """Depth-first search below the state `nums`, whose own line sits at indent `depth`.
+
+    Appends log lines; on success leaves the winning equations in `path` and returns True.
+    A state of more than two numbers lists its pairs ("Pick" lines), a state of two numbers
+    tries the operations on its only pair directly.
+    """
+    n = len(nums)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    for i, j in pairs:
+        rest = [nums[k] for k in range(n) if k != i and k != j]
+        try_depth = depth + 1
+        if n > 2:
+            lines.append(f"{' ' * (depth + 1)}|- Pick two numbers ({nums[i]}, {nums[j]}) "
+                         f"(numbers left: {_fmt_list(rest)}). Try possible operations.")
+            try_depth = depth + 2
+        big, small = max(nums[i], nums[j]), min(nums[i], nums[j])
+        for op in OPS:
+            if op == "/" and small == 0:  # no result to write: the search skips it silently
+                continue
+            value = whole_result(big, small, op)
+            indent = " " * try_depth
+            if value is None:
+                shown = f"{big / small:.1f}"
+                lines.append(f"{indent}|- Try {big} / {small} = {shown}. {shown} is a decimal, drop this branch.")
+                continue
+            head = f"{indent}|- Try {big} {op} {small} = {value}."
+            if value >= MAX_VALUE:  # larger number first: results are never negative
+                lines.append(f"{head} {value} exceeds the maximum intermediate result, drop this branch.")
+                continue
+            path.append(f"{big} {op} {small} = {value}")
+            if not rest:
+                if value == target:
+                    lines.append(f"{head} Evaluate {value} == {target}, target found!")
+                    return True
+                lines.append(f"{head} Evaluate {value} != {target}, drop this branch.")
+            else:
+                child = [value] + rest
+                lines.append(f"{head} Add {value} to the number set. Current number set: {_state_text(child, target)}")
+                if _search(child, target, try_depth, lines, path):
+                    return True
+            path.pop()
+    return False
+
+
+def search_trace(nums, target):
+    """The LongProc demonstration for a problem (search log, trace-back, <Solution>), or None."""
+    nums = list(nums)
+    if len(nums) < 2:
+        raise ValueError(f"Countdown needs at least 2 numbers, got {nums}")
+    lines, path = [f"Initial number set: {_state_text(nums, target)}"], []
+    if not _search(nums, target, 0, lines, path):
+        return None
+    names = ["Final step"] + ["The step before"] * (len(path) - 2) + ["The first step"] * (len(path) > 1)
+    traceback = [f"{name}: {eq}" for name, eq in zip(names, reversed(path))]
+    return ("<Search Procedure>\n" + "\n".join(lines) + "\n</Search Procedure>\n\n"
+            "Now we have found the target, let's trace back the solution:\n" + "\n".join(traceback) + "\n\n"
+            "Output the solution in the required format:\n<Solution>\n" + "\n".join(path) + "\n</Solution>\n")
+
+
+def trace_tokens(trace):
+    """LongProc's token count of a demonstration, estimated from its length in characters.
+
+    LongProc sizes its splits by `num_search_tokens` (0.5k: ~330-510). Its tokenizer is not a
+    dependency of ours; 0.36 tokens per character matches that field within 16 tokens on all
+    200 problems of the 0.5k split (checked in tests).
+    """
+    return round(0.36 * len(trace))
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact oracle
+
+@functools.lru_cache(maxsize=1 << 20)
+def reachable_values(nums):
+    """Every final value reachable from the sorted tuple `nums` under the rules (memoised)."""
+    if len(nums) == 1:
+        return frozenset(nums)
+    out = set()
+    for i in range(len(nums)):
+        for j in range(i + 1, len(nums)):
+            rest = nums[:i] + nums[i + 1:j] + nums[j + 1:]
+            big, small = max(nums[i], nums[j]), min(nums[i], nums[j])
+            for op in OPS:
+                value = whole_result(big, small, op)
+                if value is not None and value < MAX_VALUE:
+                    out |= reachable_values(tuple(sorted(rest + (value,))))
+    return frozenset(out)
+
+
+def solvable(nums, target):
+    """Can `target` be reached from the numbers `nums` (a problem, or any intermediate state)?"""
+    return target in reachable_values(tuple(sorted(nums)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcome rewards: never raise, never evaluate text as code, linear time in the input
+
+_EQUATION = re.compile(r"\s*([0-9]{1,6})\s*([-+*/])\s*([0-9]{1,6})\s*=\s*([0-9]{1,6})\s*", re.ASCII)
+
+
+def solution_block(completion):
+    """Text of the FIRST <Solution>...</Solution> block, or None."""
+    start = completion.find("<Solution>")
+    if start < 0:
+        return None
+    start += len("<Solution>")
+    end = completion.find("</Solution>", start)
+    return None if end < 0 else completion[start:end]
+
+
+def verify(nums, target, completion):
+    """True iff the first <Solution> block derives `target` from `nums` in n-1 legal steps.
+
+    Each line is `a op b = c` (spaces optional); a and b are taken out of the current multiset
+    (given numbers plus earlier results), c must equal a op b exactly and be a whole number in
+    [0, 2000), and after the last line only the target is left. Blank lines are ignored.
+    """
+    block = solution_block(completion)
+    if block is None:
+        return False
+    n = len(nums)
+    # bounded split: a block of a million lines costs no more than one of n lines
+    lines = [line for line in block.split("\n", 4 * n + 16) if line.strip()]
+    if len(lines) != n - 1:
+        return False
+    pool = list(nums)
+    for line in lines:
+        m = _EQUATION.fullmatch(line)
+        if m is None:
+            return False
+        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        for x in (a, b):
+            if x not in pool:
+                return False
+            pool.remove(x)
+        if whole_result(a, b, op) != c or c >= MAX_VALUE:
+            return False
+        pool.append(c)
+    return pool == [target]
+
+
+def _answer_text(text):
+    """Content of the last complete <answer>...</answer> (TinyZero's convention), or None."""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, max(end, 0))
+    return None if end < 0 or start < 0 else text[start + len("<answer>"):end]
+
+
+_EXPR_TOKEN = re.compile(r"\s*(?:([0-9]{1,6})|([-+*/()]))", re.ASCII)
+_MAX_EXPRESSION = 256  # characters; a 4-number answer needs ~20, this bounds parse time
+_MAX_PARENS = 32  # bounds the recursion depth of the parser far below Python's limit
+
+
+def _tokenize(expr):
+    tokens, pos = [], 0
+    while pos < len(expr):
+        m = _EXPR_TOKEN.match(expr, pos)
+        if m is None:
+            return None if expr[pos:].strip() else tokens
+        tokens.append(int(m[1]) if m[1] else m[2])
+        pos = m.end()
+    return tokens
+
+
+def _evaluate(tokens):
+    """Recursive descent over `expr := term (+|- term)*`, `term := factor (*|/ factor)*`,
+    `factor := integer | ( expr )`, in exact rationals. None for a syntax error or x/0."""
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def factor():
+        nonlocal pos
+        tok = peek()
+        pos += 1
+        if isinstance(tok, int):
+            return Fraction(tok)
+        if tok != "(":
+            return None
+        value = expr()
+        if value is None or peek() != ")":
+            return None
+        pos += 1
+        return value
+
+    def binary(operand, ops):
+        nonlocal pos
+        value = operand()
+        while value is not None and peek() in ops:
+            op = tokens[pos]
+            pos += 1
+            right = operand()
+            if right is None or (op == "/" and right == 0):
+                return None
+            if op == "+":
+                value += right
+            elif op == "-":
+                value -= right
+            elif op == "*":
+                value *= right
+            else:
+                value /= right
+        return value
+
+    def term():
+        return binary(factor, ("*", "/"))
+
+    def expr():
+        return binary(term, ("+", "-"))
+
+    value = expr()
+    return value if pos == len(tokens) else None
+
+
+def verify_expression(nums, target, text):
+    """True iff the last <answer>...</answer> holds an arithmetic expression (integers,
+    + - * /, parentheses) that uses each given number exactly once and equals `target`."""
+    expr = _answer_text(text)
+    if expr is None or len(expr) > _MAX_EXPRESSION:
+        return False
+    tokens = _tokenize(expr)
+    if tokens is None or tokens.count("(") > _MAX_PARENS:
+        return False
+    if sorted(t for t in tokens if isinstance(t, int)) != sorted(nums):
+        return False
+    value = _evaluate(tokens)
+    return value is not None and value == target
+
+
+# ---------------------------------------------------------------------------------------------
+# What a model wrote: the states it reached
+
+_NUMBER_LIST = r"\[\s*([0-9]{1,6}(?:\s*,\s*[0-9]{1,6})*)\s*\]"
+_STATE = re.compile(rf"Current number set: {_NUMBER_LIST}|Evaluate ([0-9]{{1,6}})\b", re.ASCII)
+
+
+def extract_states(completion):
+    """[(offset, numbers)] for every state the completion reaches, in order of writing.
+
+    A state is a `Current number set: [...]` or a leaf result (`Evaluate X ...`, the set [X]);
+    `offset` is the index of the state's last character (the `]`, or X's last digit), so a
+    reward placed there credits every token that wrote it. What does not parse is skipped.
+    """
+    states = []
+    for m in _STATE.finditer(completion):
+        if m[1] is not None:
+            states.append((m.end() - 1, [int(x) for x in m[1].split(",")]))
+        else:
+            states.append((m.end(2) - 1, [int(m[2])]))
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems
+
+def random_problem(rng, n=4, num_range=(1, 49), target_range=(10, 50), tokens=None, exclude=frozenset()):
+    """A solvable problem from the LongProc distribution, deterministic for `rng`'s state.
+
+    rng: a random.Random. tokens: (lo, hi) bounds on `trace_tokens(search_trace(...))`, the
+    difficulty knob (LongProc 0.5k: (330, 510), 2k: (1080, 2050), 8k: (4100, 8100)).
+    exclude: a set of `problem_key`s never to return (held-out / test problems).
+    """
+    for _ in range(100_000):
+        nums = tuple(rng.randint(*num_range) for _ in range(n))
+        target = rng.randint(*target_range)
+        if problem_key(nums, target) in exclude or not solvable(nums, target):
+            continue
+        if tokens is None or tokens[0] <= trace_tokens(search_trace(nums, target)) <= tokens[1]:
+            return Problem(nums, target)
+    raise ValueError(f"no solvable problem with n={n}, numbers {num_range}, targets {target_range}, tokens {tokens}")
+
+
+def load_problems(path):
+    """Problems from LongProc's JSON (a list of records) or our JSONL (a record per line).
+
+    Each record needs `nums` (>= 2 non-negative integers) and `target` (an integer); other
+    fields are ignored. A malformed file raises one ValueError naming the file and the record.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read problems ({e.strerror})") from None
+    try:
+        if text.lstrip().startswith("["):
+            records = list(enumerate(json.loads(text), 1))
+        else:
+            records = [(i, json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON or JSONL (line {e.lineno}: {e.msg})") from None
+    problems = []
+    for i, rec in records:
+        nums = rec.get("nums") if isinstance(rec, dict) else None
+        target = rec.get("target") if isinstance(rec, dict) else None
+        ints = isinstance(nums, list) and all(type(x) is int and x >= 0 for x in nums)
+        if not ints or len(nums) < 2 or type(target) is not int:
+            raise ValueError(f"{path}: record {i} is not a problem: expected "
+                             f'{{"nums": [>= 2 integers], "target": integer}}, got {str(rec)[:120]}')
+        problems.append(Problem(tuple(nums), target))
+    if not problems:
+        raise ValueError(f"{path}: holds no problems")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+_EXAMPLE = Problem((7, 3, 12, 25), 50)  # not a LongProc test problem (checked in tests)
+
+_INSTRUCTION = """\
+Let's play Countdown. You get a few numbers and a target. Combine all of the numbers, each \
+exactly once, with addition, subtraction, multiplication and division so that the final result \
+is the target. Work two numbers at a time: pick two, replace them with the result of one \
+operation, and go on until one number is left. Every intermediate result has to be a whole \
+number below 2000.
+
+Search for a solution depth first and write every step down: list the pairs you can pick, try \
++ - * / on a pair with the larger number first, and drop a branch as soon as a result is a \
+fraction or too large, or when the last number misses the target. Once you hit the target, \
+trace the steps back and write the solution as a <Solution> block, one equation per line.
+"""
+
+
+def problem_header(problem):
+    return f"Numbers: {_fmt_list(problem.nums)}\nTarget: {problem.target}\n"
+
+
+def prompt(problem, style="bare"):
+    """The user-side text for a problem: "bare" (header only, for models trained on traces)
+    or "longproc" (instruction, a worked example, the problem; wrap it in a chat template)."""
+    if style == "bare":
+        return problem_header(problem)
+    if style == "longproc":
+        example = problem_header(_EXAMPLE) + search_trace(*_EXAMPLE)
+        return f"{_INSTRUCTION}\nHere is a worked example.\n\n{example}\nNow solve this one.\n\n{problem_header(problem)}"
+    raise ValueError(f"unknown prompt style {style!r}: expected 'bare' or 'longproc'")
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) < 4:
+        sys.exit("usage: python countdown.py NUM NUM [NUM ...] TARGET")
+    *numbers, goal = (int(x) for x in sys.argv[1:])
+    print(search_trace(numbers, goal) or f"{numbers} cannot reach {goal}")

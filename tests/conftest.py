@@ -1,0 +1,19 @@
+"""Shared fixtures: LongProc's public 0.5k test split, read from ../shared beside the project."""
+import json
+import pathlib
+
+import pytest
+
+LONGPROC = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "longproc" / "countdown_0.5k.json"
+
+
+@pytest.fixture(scope="session")
+def longproc_path():
+    if not LONGPROC.exists():
+        pytest.skip(f"LongProc data not found at {LONGPROC} (clone the project beside ../shared)")
+    return LONGPROC
+
+
+@pytest.fixture(scope="session")
+def longproc(longproc_path):
+    return json.loads(longproc_path.read_text())

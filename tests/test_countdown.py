@@ -1,0 +1,325 @@
+"""countdown.py against LongProc's reference outputs, brute force and independent references."""
+import ast
+import json
+import random
+import re
+from fractions import Fraction
+
+import pytest
+
+import countdown
+from tests.fuzz import expression_corpus, solution_corpus
+
+
+# --- the search reproduces LongProc ---------------------------------------------------------
+
+def test_search_trace_reproduces_longproc_byte_for_byte(longproc):
+    mismatched = [i for i, x in enumerate(longproc) if countdown.search_trace(x["nums"], x["target"]) != x["demonstration"]]
+    assert not mismatched, f"{len(mismatched)}/200 differ, first: problem {mismatched[:5]}"
+
+
+def test_trace_tokens_matches_longproc_count(longproc):
+    for x in longproc:
+        assert abs(countdown.trace_tokens(x["demonstration"]) - x["num_search_tokens"]) <= 20
+
+
+def test_search_trace_unsolvable_and_small_n():
+    assert countdown.search_trace([1, 1], 5) is None
+    two = countdown.search_trace([3, 4], 7)
+    assert two.startswith("<Search Procedure>\nInitial number set: [3, 4], target: 7, just two numbers left.\n"
+                          " |- Try 4 + 3 = 7. Evaluate 7 == 7, target found!\n</Search Procedure>")
+    assert "Final step: 4 + 3 = 7\n\n" in two and countdown.verify([3, 4], 7, two)
+    with pytest.raises(ValueError):
+        countdown.search_trace([5], 5)
+
+
+def test_search_trace_drop_rules_at_inner_levels():
+    # 7 / 2 is dropped one level above the leaves; 50 * 49 exceeds 2000 there too
+    trace = countdown.search_trace([7, 2, 1], 3)
+    assert "  |- Try 7 / 2 = 3.5. 3.5 is a decimal, drop this branch.\n |- Pick two numbers (7, 1)" in trace
+    assert "  |- Try 50 * 49 = 2450. 2450 exceeds the maximum" in countdown.search_trace([50, 49, 1, 1], 48)
+    # 3 - 3 = 0 leads to 5 / 0, which has no result to write: the search goes on to 3 * 3
+    zero = countdown.search_trace([3, 3, 5], 4)
+    assert "   |- Try 5 * 0 = 0. Evaluate 0 != 4, drop this branch.\n  |- Try 3 * 3 = 9." in zero
+
+
+def test_search_trace_is_a_dfs_for_larger_n():
+    for nums, target in [([2, 3, 5, 7, 11], 13), ([1, 2, 3, 4, 5, 6], 21)]:
+        trace = countdown.search_trace(nums, target)
+        assert countdown.verify(nums, target, trace)
+        assert trace.count("The step before") == len(nums) - 3
+
+
+# --- the oracle -----------------------------------------------------------------------------
+
+def _brute_force(nums, target):
+    """Independent exhaustive search over ordered pairs, no memo, no larger-first rule."""
+    if len(nums) == 1:
+        return nums[0] == target
+    for i in range(len(nums)):
+        for j in range(len(nums)):
+            if i == j:
+                continue
+            a, b = nums[i], nums[j]
+            rest = [x for k, x in enumerate(nums) if k not in (i, j)]
+            values = [a + b, a - b, a * b] + ([a // b] if b and a % b == 0 else [])
+            if any(0 <= v < 2000 and _brute_force(rest + [v], target) for v in values):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_solvable_agrees_with_search(n):
+    rng = random.Random(n)
+    agree = 0
+    for _ in range(2000):
+        nums, target = [rng.randint(1, 49) for _ in range(n)], rng.randint(10, 50)
+        assert countdown.solvable(nums, target) == (countdown.search_trace(nums, target) is not None), (nums, target)
+        agree += 1
+    assert agree == 2000
+
+
+def test_solvable_agrees_with_brute_force():
+    rng = random.Random(7)
+    for _ in range(300):
+        nums, target = [rng.randint(0, 12) for _ in range(rng.choice([2, 3, 4]))], rng.randint(0, 30)
+        assert countdown.solvable(nums, target) == _brute_force(nums, target), (nums, target)
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+def _block(lines):
+    return "<Solution>\n" + "\n".join(lines) + "\n</Solution>"
+
+
+def test_longproc_solutions_verify_and_single_changes_do_not(longproc):
+    checked = 0
+    for x in longproc:
+        for lines in (x["solution"], x["solution_text"].split("\n")):
+            assert countdown.verify(x["nums"], x["target"], _block(lines)), lines
+            text = "\n".join(lines)
+            for m in re.finditer(r"\d+", text):
+                for new in {int(m[0]) + 1, max(0, int(m[0]) - 1), 0}:
+                    if new != int(m[0]):
+                        changed = text[:m.start()] + str(new) + text[m.end():]
+                        assert not countdown.verify(x["nums"], x["target"], _block([changed])), changed
+                        checked += 1
+    assert checked > 400 * 9 * 2
+
+
+def _reference_verify(nums, target, text):
+    """Independent slow reference: a character-level scan of the first block."""
+    if "<Solution>" not in text:
+        return False
+    inside = text.split("<Solution>", 1)[1]
+    if "</Solution>" not in inside:
+        return False
+    pool = list(nums)
+    steps = 0
+    for line in inside.split("</Solution>", 1)[0].split("\n"):
+        tokens, digits = [], ""
+        for ch in line + " ":
+            if ch in "0123456789":
+                digits += ch
+                continue
+            if digits:
+                tokens.append(digits)
+                digits = ""
+            if ch in "+-*/=":
+                tokens.append(ch)
+            elif ch not in " \t\r\x0b\x0c":
+                return False
+        if not tokens:
+            continue
+        if len(tokens) != 5 or tokens[3] != "=" or tokens[1] not in "+-*/" or tokens[1] == "":
+            return False
+        if not all(tokens[k].isdigit() and len(tokens[k]) <= 6 for k in (0, 2, 4)):
+            return False
+        a, op, b, c = int(tokens[0]), tokens[1], int(tokens[2]), int(tokens[4])
+        if op == "+":
+            value = a + b
+        elif op == "-":
+            value = a - b
+        elif op == "*":
+            value = a * b
+        else:
+            if b == 0 or a % b:
+                return False
+            value = a // b
+        if value != c or not 0 <= c < 2000:
+            return False
+        for x in (a, b):
+            if x not in pool:
+                return False
+            pool.remove(x)
+        pool.append(c)
+        steps += 1
+    return steps == len(nums) - 1 and pool == [target]
+
+
+def test_verify_fuzz_matches_reference():
+    corpus = solution_corpus(seed=0, size=10_000)
+    verdicts = [countdown.verify(nums, target, text) for nums, target, text in corpus]
+    assert all(type(v) is bool for v in verdicts)
+    for (nums, target, text), got in zip(corpus, verdicts):
+        if len(text) < 10_000:  # the reference is too slow for the 1 MB inputs
+            assert got == _reference_verify(nums, target, text), (nums, target, text[:300])
+    assert 0.15 < sum(verdicts) / len(verdicts) < 0.5  # the corpus holds both verdicts in bulk
+    assert not any(verdicts[-4:])
+
+
+def test_verify_first_block_only_and_rules():
+    good = "21 + 16 = 37\n37 - 17 = 20\n26 + 20 = 46"
+    nums, target = [21, 16, 17, 26], 46
+    assert countdown.verify(nums, target, f"<Solution>\n{good}\n</Solution>")
+    assert not countdown.verify(nums, target, f"<Solution>\n</Solution><Solution>\n{good}\n</Solution>")
+    assert not countdown.verify(nums, target, f"<Solution>\n{good}\n")
+    assert not countdown.verify([4, 2, 1], 1, "<Solution>\n2 - 4 = -2\n1 + 2 = 3\n</Solution>")
+    assert not countdown.verify([7, 2, 1], 4, "<Solution>\n7 / 2 = 3\n3 + 1 = 4\n</Solution>")
+    assert not countdown.verify([50, 40, 1], 2001, "<Solution>\n50 * 40 = 2000\n2000 + 1 = 2001\n</Solution>")
+    assert countdown.verify([5, 0, 3], 3, "<Solution>\n5 * 0 = 0\n0 + 3 = 3\n</Solution>")
+    assert not countdown.verify([5, 0, 3], 3, "<Solution>\n5 / 0 = 0\n0 + 3 = 3\n</Solution>")
+
+
+# --- verify_expression ----------------------------------------------------------------------
+
+def _reference_expression(nums, target, text):
+    """Independent reference: Python's own parser (ast), walked with exact rationals."""
+    found = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+    if not found:
+        return False
+    try:
+        tree = ast.parse(found[-1].strip(), mode="eval").body
+    except SyntaxError:
+        return False
+    literals = []
+
+    def walk(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            literals.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+            a, b = walk(node.left), walk(node.right)
+            if a is None or b is None:
+                return None
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            if isinstance(node.op, ast.Mult):
+                return a * b
+            return a / b if b else None
+        raise ValueError("not in the grammar")
+
+    try:
+        value = walk(tree)
+    except ValueError:
+        return False
+    return sorted(literals) == sorted(nums) and value is not None and value == target
+
+
+def test_verify_expression_fuzz_matches_python_parser():
+    corpus = expression_corpus(seed=1, size=10_000)
+    checked = positives = 0
+    for nums, target, text in corpus:
+        got = countdown.verify_expression(nums, target, text)
+        assert type(got) is bool
+        if text.startswith("thinking"):
+            assert got == _reference_expression(nums, target, text), (nums, target, text)
+            checked += 1
+            positives += got
+        else:
+            assert not got or _reference_expression(nums, target, text)
+    assert checked > 7000 and positives > 1000
+
+
+def test_verify_expression_cases():
+    assert countdown.verify_expression([21, 16, 17, 26], 46, "<answer> 21 + 16 - 17 + 26 </answer>")
+    assert countdown.verify_expression([2, 3, 4], 14, "<answer>2+3*4</answer>")
+    assert not countdown.verify_expression([2, 3, 4], 20, "<answer>2+3*4</answer>")
+    assert countdown.verify_expression([6, 4, 3], 6, "<answer>6/(4-3)</answer>")
+    assert not countdown.verify_expression([6, 4, 3], 3, "<answer>6/(4-3)/2</answer>")  # 2 is not given
+    assert not countdown.verify_expression([6, 4, 3], 2, "<answer>6/3</answer>")  # 4 is unused
+    assert countdown.verify_expression([6, 4, 3], Fraction(9, 2), "<answer>6/4*3</answer>")  # exact, left to right
+    assert not countdown.verify_expression([3, 3], 1, "<answer>3/(3-3)</answer>")
+    assert not countdown.verify_expression([99, 98, 5], 1, "<answer>99**98**5</answer>")
+    assert countdown.verify_expression([1, 2], 3, "<answer>9</answer> <answer>(1+2)</answer>")
+
+
+# --- states, problems, files, prompts -------------------------------------------------------
+
+def test_extract_states_hand_case():
+    text = ("  |- Try 21 + 16 = 37. Add 37 to the number set. Current number set: [37, 17, 26], target: 46. \n"
+            "     |- Try 54 + 26 = 80. Evaluate 80 != 46, drop this branch.\n"
+            "Current number set: [3, x] Current number set: [ 5,6 ] Evaluate 46 == 46")
+    states = countdown.extract_states(text)
+    assert [s for _, s in states] == [[37, 17, 26], [80], [5, 6], [46]]
+    assert [text[o] for o, _ in states] == ["]", "0", "]", "6"]
+    assert states[0][0] == text.index("26]") + 2
+
+
+def test_extract_states_on_longproc(longproc):
+    for x in longproc[:50]:
+        demo = x["demonstration"]
+        states = countdown.extract_states(demo)
+        assert len(states) == demo.count("Current number set") + demo.count("Evaluate")
+        assert states[-1][1] == [x["target"]]
+        offsets = [o for o, _ in states]
+        assert offsets == sorted(offsets)
+        for _, s in states:  # every state the reference search writes is reachable from the start
+            assert all(v in countdown.reachable_values(tuple(sorted(x["nums"]))) or len(s) > 1 for v in s)
+
+
+def test_random_problem_distribution_determinism_and_exclusion(longproc):
+    held_out = {countdown.problem_key(x["nums"], x["target"]) for x in longproc}
+    a = [countdown.random_problem(random.Random(3), tokens=(330, 510), exclude=held_out) for _ in range(2)]
+    assert a[0] == a[1]
+    rng = random.Random(4)
+    for _ in range(40):
+        p = countdown.random_problem(rng, tokens=(330, 510), exclude=held_out)
+        assert countdown.problem_key(*p) not in held_out
+        assert all(1 <= x <= 49 for x in p.nums) and 10 <= p.target <= 50 and len(p.nums) == 4
+        assert 330 <= countdown.trace_tokens(countdown.search_trace(*p)) <= 510
+    # a tiny space where most problems are excluded: the rest are still found, never the excluded
+    space = {countdown.problem_key((a, b), t) for a in range(1, 4) for b in range(1, 4) for t in range(1, 7)}
+    keep = sorted(space)[:3]
+    exclude = space - set(keep)
+    for _ in range(50):
+        p = countdown.random_problem(rng, n=2, num_range=(1, 3), target_range=(1, 6), exclude=exclude)
+        assert countdown.problem_key(*p) not in exclude
+
+
+def test_random_problem_impossible_range_raises():
+    with pytest.raises(ValueError, match="no solvable problem"):
+        countdown.random_problem(random.Random(0), n=2, num_range=(1, 1), target_range=(5, 5))
+
+
+def test_load_problems(tmp_path, longproc_path):
+    problems = countdown.load_problems(longproc_path)
+    assert len(problems) == 200 and problems[0] == countdown.Problem((21, 16, 17, 26), 46)
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"nums": [1, 2], "target": 3}\n\n{"nums": [4, 5, 6], "target": 15, "id": 9}\n')
+    assert countdown.load_problems(good) == [countdown.Problem((1, 2), 3), countdown.Problem((4, 5, 6), 15)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"nums": [1, 2], "target": 3}\n{"nums": [1], "target": 3}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: record 2"):
+        countdown.load_problems(bad)
+    bad.write_text('{"nums": [1, 2], "target": 3}\n{"nums": [1, 2], "target": "3"}\n')
+    with pytest.raises(ValueError, match="record 2"):
+        countdown.load_problems(bad)
+    bad.write_text('{"nums": [1, 2], "target": 3}\n{"nums": [1, 2]')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: not JSON"):
+        countdown.load_problems(bad)
+    with pytest.raises(ValueError, match="cannot read"):
+        countdown.load_problems(tmp_path / "missing.json")
+
+
+def test_prompts(longproc):
+    held_out = {countdown.problem_key(x["nums"], x["target"]) for x in longproc}
+    assert countdown.problem_key(*countdown._EXAMPLE) not in held_out
+    p = countdown.Problem((21, 16, 17, 26), 46)
+    assert countdown.prompt(p, "bare") == "Numbers: [21, 16, 17, 26]\nTarget: 46\n"
+    long = countdown.prompt(p, "longproc")
+    assert long.endswith("Numbers: [21, 16, 17, 26]\nTarget: 46\n") and "<Solution>" in long
+    with pytest.raises(ValueError):
+        countdown.prompt(p, "fancy")

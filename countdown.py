@@ -47,7 +47,61 @@ def whole_result(a, b, op):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference search (LongProc's verbalised DFS)
+# The reference search (LongProc's depth-first search) and the two ways to write it down
+
+class Step(NamedTuple):
+    """One event of the search. kind: "pick" (a pair is chosen; a, b in list order) or "try"
+    (big op small; outcome "decimal", "exceeds", "miss", "found" or "state", child = new set)."""
+    kind: str
+    depth: int
+    a: int
+    b: int
+    op: str = ""
+    value: object = None
+    outcome: str = ""
+    child: tuple = ()
+
+
+def _search(nums, target, depth, steps, path):
+    """Depth-first search below the state `nums`, whose own line sits at indent `depth`.
+
+    Appends Steps; on success leaves the winning (big, op, small, value) in `path` and returns
+    True. A state of more than two numbers picks pairs first; a state of two numbers tries the
+    operations on its only pair directly.
+    """
+    n = len(nums)
+    for i in range(n):
+        for j in range(i + 1, n):
+            rest = tuple(nums[k] for k in range(n) if k != i and k != j)
+            try_depth = depth + 1
+            if n > 2:
+                steps.append(Step("pick", depth + 1, nums[i], nums[j], child=rest))
+                try_depth = depth + 2
+            big, small = max(nums[i], nums[j]), min(nums[i], nums[j])
+            for op in OPS:
+                if op == "/" and small == 0:  # no result to write: the search skips it silently
+                    continue
+                value = whole_result(big, small, op)
+                if value is None:
+                    steps.append(Step("try", try_depth, big, small, op, big / small, "decimal"))
+                    continue
+                if value >= MAX_VALUE:  # larger number first: results are never negative
+                    steps.append(Step("try", try_depth, big, small, op, value, "exceeds"))
+                    continue
+                path.append((big, op, small, value))
+                if not rest:
+                    found = value == target
+                    steps.append(Step("try", try_depth, big, small, op, value, "found" if found else "miss", (value,)))
+                    if found:
+                        return True
+                else:
+                    child = (value,) + rest
+                    steps.append(Step("try", try_depth, big, small, op, value, "state", child))
+                    if _search(child, target, try_depth, steps, path):
+                        return True
+                path.pop()
+    return False
+
 
 def _fmt_list(nums):
     return "[" + ", ".join(str(x) for x in nums) + "]"
@@ -60,64 +114,58 @@ def _state_text(nums, target):
     return f"{_fmt_list(nums)}, target: {target}. Options for choosing two numbers: [{pairs}]."
 
 
-def _search(nums, target, depth, lines, path):
-    """Depth-first search below the state `nums`, whose own line sits at indent `depth`.
+def _longproc_line(step, target):
+    indent = " " * step.depth
+    if step.kind == "pick":
+        return (f"{indent}|- Pick two numbers ({step.a}, {step.b}) (numbers left: {_fmt_list(step.child)}). "
+                "Try possible operations.")
+    if step.outcome == "decimal":
+        shown = f"{step.value:.1f}"
+        return f"{indent}|- Try {step.a} / {step.b} = {shown}. {shown} is a decimal, drop this branch."
+    head = f"{indent}|- Try {step.a} {step.op} {step.b} = {step.value}."
+    if step.outcome == "exceeds":
+        return f"{head} {step.value} exceeds the maximum intermediate result, drop this branch."
+    if step.outcome == "miss":
+        return f"{head} Evaluate {step.value} != {target}, drop this branch."
+    if step.outcome == "found":
+        return f"{head} Evaluate {step.value} == {target}, target found!"
+    return f"{head} Add {step.value} to the number set. Current number set: {_state_text(step.child, target)}"
 
-    Appends log lines; on success leaves the winning equations in `path` and returns True.
-    A state of more than two numbers lists its pairs ("Pick" lines), a state of two numbers
-    tries the operations on its only pair directly.
+
+def _compact_line(step):
+    line = f"{step.a}{step.op}{step.b}={step.value}"
+    return line if len(step.child) == 1 else f"{line} [{','.join(str(x) for x in step.child)}]"
+
+
+STYLES = ("longproc", "compact")
+
+
+def search_trace(nums, target, style="longproc"):
+    """The written search for a problem, or None when it has no solution.
+
+    "longproc": LongProc's demonstration (search log, trace-back, <Solution>), byte for byte.
+    "compact": the same search, one line per legal operation with the set it leads to
+    (`21+16=37 [37,17,26]`; a leaf is just `54+26=80`), then <Solution> with spaced equations
+    (so they never read as leaves). ~8x shorter: the format the built-in tiny model learns.
     """
-    n = len(nums)
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    for i, j in pairs:
-        rest = [nums[k] for k in range(n) if k != i and k != j]
-        try_depth = depth + 1
-        if n > 2:
-            lines.append(f"{' ' * (depth + 1)}|- Pick two numbers ({nums[i]}, {nums[j]}) "
-                         f"(numbers left: {_fmt_list(rest)}). Try possible operations.")
-            try_depth = depth + 2
-        big, small = max(nums[i], nums[j]), min(nums[i], nums[j])
-        for op in OPS:
-            if op == "/" and small == 0:  # no result to write: the search skips it silently
-                continue
-            value = whole_result(big, small, op)
-            indent = " " * try_depth
-            if value is None:
-                shown = f"{big / small:.1f}"
-                lines.append(f"{indent}|- Try {big} / {small} = {shown}. {shown} is a decimal, drop this branch.")
-                continue
-            head = f"{indent}|- Try {big} {op} {small} = {value}."
-            if value >= MAX_VALUE:  # larger number first: results are never negative
-                lines.append(f"{head} {value} exceeds the maximum intermediate result, drop this branch.")
-                continue
-            path.append(f"{big} {op} {small} = {value}")
-            if not rest:
-                if value == target:
-                    lines.append(f"{head} Evaluate {value} == {target}, target found!")
-                    return True
-                lines.append(f"{head} Evaluate {value} != {target}, drop this branch.")
-            else:
-                child = [value] + rest
-                lines.append(f"{head} Add {value} to the number set. Current number set: {_state_text(child, target)}")
-                if _search(child, target, try_depth, lines, path):
-                    return True
-            path.pop()
-    return False
-
-
-def search_trace(nums, target):
-    """The LongProc demonstration for a problem (search log, trace-back, <Solution>), or None."""
     nums = list(nums)
     if len(nums) < 2:
         raise ValueError(f"Countdown needs at least 2 numbers, got {nums}")
-    lines, path = [f"Initial number set: {_state_text(nums, target)}"], []
-    if not _search(nums, target, 0, lines, path):
+    if style not in STYLES:
+        raise ValueError(f"unknown trace style {style!r}: expected one of {STYLES}")
+    steps, path = [], []
+    if not _search(nums, target, 0, steps, path):
         return None
+    if style == "compact":
+        lines = [_compact_line(s) for s in steps if s.kind == "try" and s.child]
+        return "\n".join(lines) + "\n<Solution>\n" + "".join(f"{a} {op} {b} = {v}\n" for a, op, b, v in path) + "</Solution>\n"
+    equations = [f"{a} {op} {b} = {v}" for a, op, b, v in path]
     names = ["Final step"] + ["The step before"] * (len(path) - 2) + ["The first step"] * (len(path) > 1)
-    traceback = [f"{name}: {eq}" for name, eq in zip(names, reversed(path))]
+    traceback = [f"{name}: {eq}" for name, eq in zip(names, reversed(equations))]
+    lines = [f"Initial number set: {_state_text(nums, target)}"] + [_longproc_line(s, target) for s in steps]
     return ("<Search Procedure>\n" + "\n".join(lines) + "\n</Search Procedure>\n\n"
             "Now we have found the target, let's trace back the solution:\n" + "\n".join(traceback) + "\n\n"
-            "Output the solution in the required format:\n<Solution>\n" + "\n".join(path) + "\n</Solution>\n")
+            "Output the solution in the required format:\n<Solution>\n" + "\n".join(equations) + "\n</Solution>\n")
 
 
 def trace_tokens(trace):
@@ -171,6 +219,27 @@ def solution_block(completion):
     return None if end < 0 else completion[start:end]
 
 
+def _solution_lines(completion, n):
+    """The non-blank lines of the first <Solution> block if there are n-1 and each is an
+    equation `a op b = c`: [(a, op, b, c)]; else None."""
+    block = solution_block(completion)
+    if block is None:
+        return None
+    # bounded split: a block of a million lines costs no more than one of n lines
+    lines = [line for line in block.split("\n", 4 * n + 16) if line.strip()]
+    if len(lines) != n - 1:
+        return None
+    equations = [_EQUATION.fullmatch(line) for line in lines]
+    if not all(equations):
+        return None
+    return [(int(m[1]), m[2], int(m[3]), int(m[4])) for m in equations]
+
+
+def solution_format_ok(completion, n):
+    """Does the first <Solution> block hold n-1 equations `a op b = c` (right or wrong)?"""
+    return _solution_lines(completion, n) is not None
+
+
 def verify(nums, target, completion):
     """True iff the first <Solution> block derives `target` from `nums` in n-1 legal steps.
 
@@ -178,20 +247,11 @@ def verify(nums, target, completion):
     (given numbers plus earlier results), c must equal a op b exactly and be a whole number in
     [0, 2000), and after the last line only the target is left. Blank lines are ignored.
     """
-    block = solution_block(completion)
-    if block is None:
-        return False
-    n = len(nums)
-    # bounded split: a block of a million lines costs no more than one of n lines
-    lines = [line for line in block.split("\n", 4 * n + 16) if line.strip()]
-    if len(lines) != n - 1:
+    equations = _solution_lines(completion, len(nums))
+    if equations is None:
         return False
     pool = list(nums)
-    for line in lines:
-        m = _EQUATION.fullmatch(line)
-        if m is None:
-            return False
-        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+    for a, op, b, c in equations:
         for x in (a, b):
             if x not in pool:
                 return False
@@ -295,13 +355,16 @@ def verify_expression(nums, target, text):
 # What a model wrote: the states it reached
 
 _NUMBER_LIST = r"\[\s*([0-9]{1,6}(?:\s*,\s*[0-9]{1,6})*)\s*\]"
-_STATE = re.compile(rf"Current number set: {_NUMBER_LIST}|Evaluate ([0-9]{{1,6}})\b", re.ASCII)
+_STATE = re.compile(rf"(?:Current number set: |=[0-9]{{1,6}} ){_NUMBER_LIST}|Evaluate ([0-9]{{1,6}})\b"
+                    r"|^[0-9]{1,6}[-+*/][0-9]{1,6}=([0-9]{1,6})$", re.ASCII | re.MULTILINE)
 
 
 def extract_states(completion):
     """[(offset, numbers)] for every state the completion reaches, in order of writing.
 
-    A state is a `Current number set: [...]` or a leaf result (`Evaluate X ...`, the set [X]);
+    A state is a `Current number set: [...]` or a leaf result (`Evaluate X ...`, the set [X])
+    in the LongProc style; in the compact style, the set after `=X ` (`21+16=37 [37,17,26]`)
+    or the result of a leaf line (`54+26=80`, the set [80]);
     `offset` is the index of the state's last character (the `]`, or X's last digit), so a
     reward placed there credits every token that wrote it. What does not parse is skipped.
     """
@@ -310,7 +373,8 @@ def extract_states(completion):
         if m[1] is not None:
             states.append((m.end() - 1, [int(x) for x in m[1].split(",")]))
         else:
-            states.append((m.end(2) - 1, [int(m[2])]))
+            leaf = 2 if m[2] is not None else 3
+            states.append((m.end(leaf) - 1, [int(m[leaf])]))
     return states
 
 
@@ -332,6 +396,16 @@ def random_problem(rng, n=4, num_range=(1, 49), target_range=(10, 50), tokens=No
         if tokens is None or tokens[0] <= trace_tokens(search_trace(nums, target)) <= tokens[1]:
             return Problem(nums, target)
     raise ValueError(f"no solvable problem with n={n}, numbers {num_range}, targets {target_range}, tokens {tokens}")
+
+
+HELDOUT_SEED = 20_251_122  # the held-out stream; training streams use other seeds and exclude it
+TINY_TOKENS = (0, 2050)    # the built-in tiny model's problems: LongProc 0.5k and 2k difficulty
+
+
+def heldout_problems(n, tokens=TINY_TOKENS, n_numbers=4):
+    """The first n problems of the fixed held-out stream (the same on every machine)."""
+    rng = random.Random(HELDOUT_SEED)
+    return [random_problem(rng, n=n_numbers, tokens=tokens) for _ in range(n)]
 
 
 def load_problems(path):

@@ -1,0 +1,143 @@
+"""GRPO, the math: group-normalised advantages, the clipped policy loss and its variants, and
+the log-probs of taken tokens. Plain functions on tensors; train.py does the rest.
+
+    from grpo import group_advantages, policy_loss, sequence_logprobs
+    adv = group_advantages(rewards, group_size=8)                  # [N]
+    out = sequence_logprobs(model, ids, attention_mask, response_mask)
+    loss, stats = policy_loss(out.logp, old_logp, adv, response_mask)
+
+Shapes: N rollouts (G consecutive rows per prompt) x T token positions; `mask` marks the
+response tokens. No host syncs: stats come back as 0-dim tensors for the caller to gather.
+Imports: torch only.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+
+RATIOS = ("token", "sequence", "geometric")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _normalise(values, valid, groups, scale, eps):
+    """(v - group mean) / (group std + eps) over the valid entries of each group ([groups, k]
+    views); exactly 0 where a group's valid values are all equal (or there is only one)."""
+    v = values.reshape(groups, -1)
+    m = valid.reshape(groups, -1).to(v.dtype)
+    count = m.sum(-1, keepdim=True)
+    mean = (v * m).sum(-1, keepdim=True) / count.clamp(min=1)
+    centred = (v - mean) * m
+    if scale:
+        std = ((centred ** 2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()  # unbiased
+        centred = centred / (std + eps)
+    big, small = v.masked_fill(m == 0, -math.inf).amax(-1, keepdim=True), v.masked_fill(m == 0, math.inf).amin(-1, keepdim=True)
+    return torch.where(big > small, centred, torch.zeros_like(centred)).reshape(values.shape)
+
+
+def group_advantages(rewards, group_size, *, scale=True, eps=1e-6, step_rewards=None, step_mask=None):
+    """Advantages of N rollouts whose rows are grouped consecutively, G = group_size per prompt.
+
+    Outcome only: `(r - mean_g) / (std_g + eps)` (unbiased std), [N]; `scale=False` only
+    centres (Dr. GRPO). A group of identical rewards gets exactly 0.
+    Process credit (DeepSeekMath 4.1.3): `step_rewards` [N, T] holds a reward at each token
+    where a step ends (`step_mask` marks them). Step rewards are normalised over all steps of
+    the group, and a token's advantage is the outcome advantage plus the sum of the normalised
+    step rewards at or after it: [N, T].
+    """
+    n = rewards.shape[0]
+    if n % group_size:
+        raise ValueError(f"{n} rollouts do not split into groups of {group_size}")
+    groups = n // group_size
+    outcome = _normalise(rewards, torch.ones_like(rewards, dtype=torch.bool), groups, scale, eps)
+    if step_rewards is None:
+        return outcome
+    steps = _normalise(step_rewards, step_mask, groups, scale, eps)
+    to_go = steps.flip(-1).cumsum(-1).flip(-1)  # sum over steps at or after each token
+    return outcome[:, None] + to_go
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, ratio="token", agg="token-mean",
+                ref_logp=None, kl_coef=0.0, entropy=None, max_length=None, num_tokens=None):
+    """Clipped surrogate loss (to minimise) and stats.
+
+    ratio: "token" (PPO/GRPO; DAPO's clip-higher is clip_high=0.28), "sequence" (GSPO, token
+    form: every token carries the sequence ratio exp(mean log-ratio) and its own gradient), or
+    "geometric" (GMPO: geometric mean of the token ratios, each clipped in log space).
+    agg: "token-mean" (every response token of the batch weighs the same; `num_tokens` overrides
+    the count, e.g. the global count under DDP), "seq-mean-token-mean", or
+    "seq-mean-token-sum-norm" (Dr. GRPO: token sums divided by the constant `max_length`).
+    KL to a reference: + kl_coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1 (minimised).
+    """
+    if ratio not in RATIOS or agg not in AGGREGATIONS:
+        raise ValueError(f"ratio must be one of {RATIOS} and agg one of {AGGREGATIONS}")
+    mask = mask.to(logp.dtype)
+    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logp)
+    log_ratio = (logp - old_logp) * mask
+    lengths = mask.sum(-1).clamp(min=1)
+    if ratio == "geometric":
+        if advantages.dim() == 2:
+            raise ValueError("geometric (GMPO) ratios need one advantage per sequence, not per token")
+        low, high = math.log(1 - clip_low), math.log(1 + clip_high)
+        clipped = log_ratio.clamp(low, high)
+        # per token, the pessimistic side: min for positive advantages, max for negative
+        chosen = torch.where(adv > 0, torch.minimum(log_ratio, clipped), torch.maximum(log_ratio, clipped))
+        seq_ratio = ((chosen * mask).sum(-1) / lengths).exp()
+        per_token = -(seq_ratio * advantages)[:, None].expand_as(logp)
+        clipped_frac = ((chosen != log_ratio).to(logp.dtype) * mask)
+        r = log_ratio.exp()
+    else:
+        if ratio == "token":
+            r = log_ratio.exp()
+        else:
+            seq_log_ratio = log_ratio.sum(-1, keepdim=True) / lengths[:, None]
+            r = (seq_log_ratio.detach() + logp - logp.detach()).exp()
+        unclipped, clipped = r * adv, r.clamp(1 - clip_low, 1 + clip_high) * adv
+        per_token = -torch.minimum(unclipped, clipped)
+        clipped_frac = (clipped < unclipped).to(logp.dtype) * mask
+    if kl_coef:
+        delta = ref_logp - logp
+        per_token = per_token + kl_coef * (delta.exp() - delta - 1)
+    if agg == "token-mean":
+        loss = (per_token * mask).sum() / (mask.sum() if num_tokens is None else num_tokens)
+    elif agg == "seq-mean-token-mean":
+        loss = ((per_token * mask).sum(-1) / lengths).mean()
+    else:
+        loss = ((per_token * mask).sum(-1) / (max_length or mask.shape[1])).mean()
+    with torch.no_grad():
+        count = mask.sum().clamp(min=1)
+        token_ratio = (log_ratio.exp() * mask)
+        stats = {"clip_frac": clipped_frac.sum() / count,
+                 "approx_kl": ((token_ratio - 1 - log_ratio) * mask).sum() / count,
+                 "ratio_mean": token_ratio.sum() / count,
+                 "ratio_max": token_ratio.max()}
+        if entropy is not None:
+            stats["entropy"] = (entropy * mask).sum() / count
+        if kl_coef:
+            stats["kl_ref"] = ((delta.exp() - delta - 1) * mask).sum() / count
+    return loss, stats
+
+
+class LogProbs(NamedTuple):
+    logp: torch.Tensor               # [N, T]: log-prob of input_ids[:, t] given the tokens before (0 at t=0)
+    entropy: torch.Tensor = None     # [N, T]: entropy of the predictive distribution of position t
+    hidden: torch.Tensor = None      # [N, T, H]: final (post-norm) hidden states, fp32
+
+
+def sequence_logprobs(model, input_ids, attention_mask, response_mask=None, *, entropy=False, hidden=False):
+    """One forward pass: log-probs of the taken tokens (logit gathered minus logsumexp; no
+    full log-softmax is kept), optionally entropies and the final hidden states (for CLIPO)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=hidden, use_cache=False)
+    logits = out.logits[:, :-1].float()
+    lse = logits.logsumexp(-1)
+    taken = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - lse
+    logp = torch.nn.functional.pad(taken, (1, 0))
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            probs = (logits - lse[..., None]).exp()
+            ent = torch.nn.functional.pad(lse - (probs * logits).sum(-1), (1, 0))
+    if response_mask is not None:
+        logp = logp * response_mask
+    return LogProbs(logp, ent, out.hidden_states[-1].float() if hidden else None)

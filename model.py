@@ -1,0 +1,127 @@
+"""Models and tokenizers: the built-in tiny model, its tokenizer, loading and saving any causal LM.
+
+    from model import load_model, load_tokenizer
+    tok = load_tokenizer("runs/sft/model")            # ours, or AutoTokenizer for anything else
+    lm = load_model("runs/sft/model")                  # any transformers causal LM (path or hub name)
+    lm, tok = new_tiny_model(seed=0), TinyTokenizer()  # a fresh tiny model to train from scratch
+
+The tiny model is a stock transformers Qwen2 (so `AutoModelForCausalLM.from_pretrained` loads
+it); the tokenizer is ours: one token per character, a few whole-word tokens, and numbers
+written least-significant digit first inside the model (a known trick that makes carries
+learnable for small transformers). Text in and text out are normal: only token order changes.
+Imports: torch, transformers. Nothing of ours.
+"""
+import json
+import os
+import re
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as transformers_logging
+
+transformers_logging.disable_progress_bar()  # our own bars are enough; save_pretrained's is noise
+
+TOKENIZER_FILE = "countdown_tokenizer.json"
+_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+_WORDS = ["Numbers: ", "Target: ", "<Solution>", "</Solution>"]
+_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+_DIGIT_RUN = re.compile(r"[0-9]+")
+
+
+def _reverse_digit_runs(text):
+    return _DIGIT_RUN.sub(lambda m: m[0][::-1], text)
+
+
+class TinyTokenizer:
+    """Character-level tokenizer with the subset of the transformers tokenizer interface the
+    project uses (encode, decode, special ids, save_pretrained), so callers never care which."""
+
+    chat_template = None
+
+    def __init__(self, pieces=None, reverse_digits=True):
+        self.pieces = list(pieces or _SPECIALS + _WORDS + _CHARS)
+        self.reverse_digits = reverse_digits
+        self.ids = {p: i for i, p in enumerate(self.pieces)}
+        words = sorted((p for p in self.pieces if len(p) > 1 and p not in _SPECIALS), key=len, reverse=True)
+        self._split = re.compile("|".join(map(re.escape, words)) + r"|.", re.S)
+        self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id = range(4)
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def encode(self, text, add_special_tokens=False):
+        if self.reverse_digits:
+            text = _reverse_digit_runs(text)
+        ids = [self.ids.get(p, self.unk_token_id) for p in self._split.findall(text)]
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        text = "".join(self.pieces[i] for i in ids if not (skip_special_tokens and i < len(_SPECIALS)))
+        return _reverse_digit_runs(text) if self.reverse_digits else text
+
+    def save_pretrained(self, path):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, TOKENIZER_FILE), "w") as f:
+            json.dump({"pieces": self.pieces, "reverse_digits": self.reverse_digits}, f)
+
+    @classmethod
+    def from_file(cls, path):
+        with open(path) as f:
+            spec = json.load(f)
+        return cls(spec["pieces"], spec["reverse_digits"])
+
+
+def new_tiny_model(seed=0, vocab_size=None, layers=4, hidden=128, heads=4, max_positions=2048):
+    """A freshly initialised small Qwen2 (~0.87M parameters at the defaults)."""
+    config = Qwen2Config(
+        vocab_size=vocab_size or len(TinyTokenizer()), hidden_size=hidden, intermediate_size=3 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, rope_theta=10_000.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def _is_local(path):
+    return os.path.sep in str(path) or str(path).startswith(".") or os.path.exists(path)
+
+
+def check_model_path(path):
+    """Raise a one-line ValueError when `path` looks local but holds no model (before any loading)."""
+    if _is_local(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"no model at {path} (expected a directory with config.json)")
+
+
+def load_tokenizer(path):
+    """Our tokenizer if `path` holds one, else the transformers tokenizer of `path` (with a pad id)."""
+    ours = os.path.join(path, TOKENIZER_FILE)
+    if os.path.isfile(ours):
+        return TinyTokenizer.from_file(ours)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path, dtype=torch.float32, device="cpu"):
+    check_model_path(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+def save_model(model, tokenizer, path):
+    """A `save_pretrained` directory: safetensors weights, config, tokenizer."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def encode_prompt(tokenizer, text, chat=False):
+    """Token ids of a prompt: through the tokenizer's chat template when `chat`, else BOS + text."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template: use the bare prompt")
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(text, add_special_tokens=False)

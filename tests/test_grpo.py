@@ -1,0 +1,176 @@
+"""grpo.py against slow references written here with explicit Python loops (values and gradients)."""
+import math
+
+import pytest
+import torch
+
+from grpo import group_advantages, policy_loss, sequence_logprobs
+from model import new_tiny_model
+
+torch.manual_seed(0)
+N, T, G = 6, 9, 3
+
+
+def _mask():
+    """Responses with padding on both sides: left (prompt/pad) and right (after EOS)."""
+    m = torch.zeros(N, T)
+    for i, (a, b) in enumerate([(2, 9), (3, 7), (1, 5), (4, 9), (2, 3), (0, 8)]):
+        m[i, a:b] = 1
+    return m
+
+
+def _ref_norm(values, scale, eps):
+    n = len(values)
+    mean = sum(values) / n
+    if max(values) == min(values):
+        return [0.0] * n
+    if not scale:
+        return [v - mean for v in values]
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return [(v - mean) / (std + eps) for v in values]
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_advantages_outcome(scale):
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.1, 0.1, 0.1, 2.0, -1.0, 0.0], dtype=torch.float64)
+    got = group_advantages(rewards, 3, scale=scale)
+    ref = []
+    for g in range(3):
+        ref += _ref_norm(rewards[3 * g:3 * g + 3].tolist(), scale, 1e-6)
+    assert torch.allclose(got, torch.tensor(ref, dtype=torch.float64), atol=1e-12)
+    assert (got[3:6] == 0).all()  # identical rewards: exactly zero, not 1e-17
+
+
+def test_group_advantages_process_credit():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    step_mask = torch.zeros(N, T, dtype=torch.bool)
+    step_rewards = torch.zeros(N, T)
+    for i, t, r in [(0, 3, 0.9), (0, 6, 0.2), (1, 4, 0.5), (2, 2, 0.1), (3, 5, 0.7), (3, 8, 0.7), (5, 1, 0.3)]:
+        step_mask[i, t], step_rewards[i, t] = True, r
+    got = group_advantages(rewards, G, step_rewards=step_rewards, step_mask=step_mask)
+    for g in range(N // G):
+        rows = range(g * G, g * G + G)
+        outcome = _ref_norm([rewards[i].item() for i in rows], True, 1e-6)
+        steps = [(i, t, step_rewards[i, t].item()) for i in rows for t in range(T) if step_mask[i, t]]
+        normed = _ref_norm([r for _, _, r in steps], True, 1e-6) if steps else []
+        for k, i in enumerate(rows):
+            for t in range(T):
+                to_go = sum(nr for (j, s, _), nr in zip(steps, normed) if j == i and s >= t)
+                assert abs(got[i, t].item() - (outcome[k] + to_go)) < 1e-5, (i, t)
+    # hand case, group 0: steps 0.9, 0.2, 0.5, 0.1 -> mean 0.425, std 0.3594
+    std = math.sqrt(sum((x - 0.425) ** 2 for x in [0.9, 0.2, 0.5, 0.1]) / 3)
+    assert abs(got[0, 0] - (outcome_0 := 2 / math.sqrt(3)) - ((0.9 - 0.425) + (0.2 - 0.425)) / std) < 1e-5
+    assert abs(got[0, 7] - outcome_0) < 1e-5
+
+
+def _ref_loss(logp, old, adv, mask, clip_low, clip_high, ratio, agg, ref, kl_coef, max_length):
+    """Per-sequence, per-token Python loops over scalars (autograd through torch scalars)."""
+    seq_losses, token_losses, n_tokens = [], [], 0
+    for i in range(N):
+        toks = [t for t in range(T) if mask[i, t] > 0]
+        n_tokens += len(toks)
+        a = lambda t: adv[i, t] if adv.dim() == 2 else adv[i]  # noqa: E731
+        per = []
+        if ratio == "geometric":
+            logs = []
+            for t in toks:
+                lr = logp[i, t] - old[i, t]
+                c = torch.clamp(lr, math.log(1 - clip_low), math.log(1 + clip_high))
+                logs.append(torch.minimum(lr, c) if adv[i] > 0 else torch.maximum(lr, c))
+            seq_ratio = torch.exp(sum(logs) / len(toks))
+            per = [-(seq_ratio * adv[i]) for _ in toks]
+        else:
+            if ratio == "sequence":
+                s = torch.exp(sum(logp[i, t] - old[i, t] for t in toks) / len(toks)).detach()
+            for t in toks:
+                r = torch.exp(logp[i, t] - old[i, t]) if ratio == "token" else s * torch.exp(logp[i, t] - logp[i, t].detach())
+                per.append(-torch.minimum(r * a(t), torch.clamp(r, 1 - clip_low, 1 + clip_high) * a(t)))
+        if kl_coef:
+            per = [p + kl_coef * (torch.exp(ref[i, t] - logp[i, t]) - (ref[i, t] - logp[i, t]) - 1) for p, t in zip(per, toks)]
+        token_losses += per
+        if agg == "seq-mean-token-mean":
+            seq_losses.append(sum(per) / len(toks))
+        elif agg == "seq-mean-token-sum-norm":
+            seq_losses.append(sum(per) / max_length)
+    if agg == "token-mean":
+        return sum(token_losses) / n_tokens
+    return sum(seq_losses) / N
+
+
+CASES = [(r, a, kl, adv2) for r in ["token", "sequence", "geometric"]
+         for a in ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+         for kl in [0.0, 0.1] for adv2 in [False, True] if not (r == "geometric" and adv2)]
+
+
+@pytest.mark.parametrize("ratio,agg,kl_coef,token_adv", CASES)
+def test_policy_loss_matches_loop_reference(ratio, agg, kl_coef, token_adv):
+    g = torch.Generator().manual_seed(1)
+    mask = _mask()
+    old = -torch.rand(N, T, generator=g, dtype=torch.float64) * 3
+    base = old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.3  # ratios inside and outside the clip
+    ref = old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.2
+    adv = torch.randn(N, T, generator=g, dtype=torch.float64) if token_adv else torch.randn(N, generator=g, dtype=torch.float64)
+    kw = dict(clip_low=0.2, clip_high=0.28, ratio=ratio, agg=agg, ref_logp=ref, kl_coef=kl_coef)
+    a = base.clone().requires_grad_()
+    loss, stats = policy_loss(a, old, adv, mask, max_length=12, **kw)
+    loss.backward()
+    b = base.clone().requires_grad_()
+    expected = _ref_loss(b, old, adv, mask, 0.2, 0.28, ratio, agg, ref, kl_coef, 12)
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-10), (loss, expected)
+    assert torch.allclose(a.grad, b.grad, atol=1e-10)
+    assert (a.grad[mask == 0] == 0).all()
+    assert 0 < stats["clip_frac"] < 1 and stats["ratio_max"] > 1
+
+
+def test_policy_loss_kl_is_minimised_and_stats():
+    mask = _mask()
+    old = torch.full((N, T), -1.0)
+    ref = torch.full((N, T), -1.0)
+    logp = torch.full((N, T), -0.5, requires_grad=True)
+    loss, stats = policy_loss(logp, old, torch.zeros(N), mask, ref_logp=ref, kl_coef=1.0)
+    loss.backward()
+    assert loss > 0 and (logp.grad[mask > 0] > 0).all()  # descent moves logp back toward the reference
+    r = math.exp(0.5)
+    assert abs(stats["ratio_mean"] - r) < 1e-6 and abs(stats["approx_kl"] - (r - 1 - 0.5)) < 1e-6
+    assert stats["clip_frac"] == 0  # zero advantage: nothing is clipped
+
+
+def test_policy_loss_num_tokens_and_errors():
+    mask = _mask()
+    logp = -torch.rand(N, T)
+    loss, _ = policy_loss(logp, logp.detach(), torch.ones(N), mask)
+    half, _ = policy_loss(logp, logp.detach(), torch.ones(N), mask, num_tokens=2 * mask.sum())
+    assert torch.allclose(half, loss / 2)
+    with pytest.raises(ValueError):
+        policy_loss(logp, logp, torch.ones(N, T), mask, ratio="geometric")
+    with pytest.raises(ValueError):
+        policy_loss(logp, logp, torch.ones(N), mask, agg="mean")
+
+
+def test_sequence_logprobs_against_per_sequence_forward():
+    lm = new_tiny_model(seed=3, vocab_size=40).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 40, (k,), generator=g).tolist() for k in (5, 9, 7)]
+    width = max(map(len, seqs)) + 2
+    ids = torch.zeros(3, width, dtype=torch.long)
+    att = torch.zeros(3, width, dtype=torch.long)
+    for i, s in enumerate(seqs):  # left padding by i, right padding after
+        ids[i, i:i + len(s)] = torch.tensor(s)
+        att[i, i:i + len(s)] = 1
+    resp = att.clone()
+    resp[:, :3] = 0
+    out = sequence_logprobs(lm, ids, att, resp, entropy=True, hidden=True)
+    for i, s in enumerate(seqs):
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([s])).logits[0].double()
+        for t in range(1, len(s)):
+            pos = i + t
+            expected = (logits[t - 1].log_softmax(-1)[s[t]]).item() if resp[i, pos] else 0.0
+            assert abs(out.logp[i, pos].item() - expected) < 1e-5
+            p = logits[t - 1].softmax(-1)
+            assert abs(out.entropy[i, pos].item() + (p * p.log()).sum().item()) < 1e-4
+    # the hidden states are the final, post-norm ones: the LM head applied to them gives the logits
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
+    assert torch.allclose(lm.lm_head(out.hidden), logits, atol=1e-4)

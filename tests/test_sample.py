@@ -1,0 +1,179 @@
+"""sample.py against full forward passes and transformers' own generate."""
+import collections
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import sample
+from model import new_tiny_model
+
+torch.set_num_threads(1)
+PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12], [1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29], [1, 40]]
+
+
+def _diverse(lm, seed):
+    """Random weights loud enough that greedy outputs vary from step to step."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.15))
+    return lm.eval()
+
+
+def _llama(seed):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg)
+
+
+MODELS = {"qwen2-tiny": lambda s: new_tiny_model(seed=s, vocab_size=64), "llama-gqa": _llama}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def lm(request):
+    return _diverse(MODELS[request.param](0), 0)
+
+
+class _Recorder:
+    """Wraps sample._draw to record the logits each decoding step saw."""
+
+    def __init__(self, monkeypatch):
+        self.logits, self.tokens = [], []
+        draw = sample._draw
+
+        def recording_draw(logits, *args):
+            token, logprob = draw(logits, *args)
+            self.logits.append(logits.clone())
+            self.tokens.append(token.clone())
+            return token, logprob
+        monkeypatch.setattr(sample, "_draw", recording_draw)
+
+
+def test_cached_logits_equal_full_forward(lm, monkeypatch):
+    rec = _Recorder(monkeypatch)
+    out = sample.generate(lm, PROMPTS, 12, temperature=0)
+    ids, mask = sample._left_pad([p + o for p, o in zip(PROMPTS, out)], 0, "cpu")
+    # right-aligning prompt+output equals the left-padded prompt followed by the outputs
+    with torch.no_grad():
+        full = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    for step, logits in enumerate(rec.logits):
+        expected = full[:, ids.shape[1] - 12 - 1 + step]
+        assert (logits - expected).abs().max() <= 1e-4, step
+
+
+def test_greedy_equals_transformers_generate(lm):
+    out = sample.generate(lm, PROMPTS, 16, temperature=0)
+    ids, mask = sample._left_pad(PROMPTS, 0, "cpu")
+    ref = lm.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert ref[:, ids.shape[1]:].tolist() == out
+    assert len({tuple(o) for o in out}) == len(PROMPTS) and all(len(set(o)) > 2 for o in out)
+
+
+def test_greedy_with_eos_equals_generate_one_by_one(lm):
+    free = sample.generate(lm, PROMPTS, 16, temperature=0)
+    eos = free[2][5]  # a token prompt 2 emits at step 5: some rows stop early, others never
+    out = sample.generate(lm, PROMPTS, 16, temperature=0, eos_token_id=eos)
+    for p, o in zip(PROMPTS, out):
+        ref = lm.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=eos)
+        assert ref[0, len(p):].tolist() == o
+    assert any(len(o) < 16 for o in out) and all(o[-1] == eos for o in out if len(o) < 16)
+
+
+def test_sampling_logprobs_match_forward_of_each_sample(lm):
+    """Exercises one prefill + cache expansion and rows leaving the batch mid-generation."""
+    for eos in range(3, 64):  # an EOS that ends some samples early and not others
+        ro = sample.sample(lm, PROMPTS, 24, num_samples=5, eos_token_id=eos, generator=torch.Generator().manual_seed(3))
+        if 3 <= sum(ro.finished) <= 15:
+            break
+    assert len(ro.tokens) == len(PROMPTS) * 5 and 3 <= sum(ro.finished) <= 15
+    for k, (toks, lps) in enumerate(zip(ro.tokens, ro.logprobs)):
+        p = PROMPTS[k // 5]
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([p + toks])).logits[0, len(p) - 1:-1]
+        ref = logits.log_softmax(-1).gather(-1, torch.tensor(toks)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(lps), ref, atol=1e-4), k
+        assert ro.finished[k] == (eos in toks) and (eos not in toks[:-1])
+
+
+def test_batch_shrinks_and_prefill_runs_once(lm):
+    sizes = []
+    hook = lm.register_forward_pre_hook(lambda mod, args, kw: sizes.append(kw["input_ids"].shape), with_kwargs=True)
+    gen = torch.Generator().manual_seed(0)
+    sample.sample(lm, PROMPTS, 40, num_samples=8, eos_token_id=3, generator=gen)
+    hook.remove()
+    assert sizes[0][0] == len(PROMPTS) and sizes[0][1] == max(map(len, PROMPTS))  # one prefill, not 8
+    decode = [s[0] for s in sizes[1:]]
+    assert decode[0] == len(PROMPTS) * 8 and decode[-1] < decode[0]
+    assert decode == sorted(decode, reverse=True)
+
+
+def test_per_prompt_generators_make_samples_batch_independent(lm):
+    def gens(ids):
+        return [torch.Generator().manual_seed(100 + i) for i in ids]
+    together = sample.generate(lm, PROMPTS, 20, num_samples=3, eos_token_id=5, generator=gens(range(4)))
+    for i, p in enumerate(PROMPTS):
+        alone = sample.generate(lm, [p], 20, num_samples=3, eos_token_id=5, generator=gens([i]))
+        assert alone == together[3 * i:3 * i + 3]
+    with pytest.raises(ValueError, match="one per prompt"):
+        sample.generate(lm, PROMPTS, 4, generator=gens(range(2)))
+
+
+def test_fixed_generator_reproduces_samples(lm):
+    a = sample.generate(lm, PROMPTS, 20, num_samples=3, generator=torch.Generator().manual_seed(5))
+    b = sample.generate(lm, PROMPTS, 20, num_samples=3, generator=torch.Generator().manual_seed(5))
+    c = sample.generate(lm, PROMPTS, 20, num_samples=3, generator=torch.Generator().manual_seed(6))
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.5), (8, 0.7)])
+def test_filtered_tokens_are_never_emitted(lm, monkeypatch, top_k, top_p):
+    rec = _Recorder(monkeypatch)
+    sample.generate(lm, PROMPTS, 30, num_samples=16, top_k=top_k, top_p=top_p, temperature=1.3,
+                    generator=torch.Generator().manual_seed(1))
+    draws = 0
+    for logits, tokens in zip(rec.logits, rec.tokens):
+        probs = (logits / 1.3).softmax(-1)
+        order = probs.argsort(-1, descending=True)
+        rank = (order == tokens[:, None]).float().argmax(-1)
+        if top_k:
+            assert (rank < top_k).all()
+        mass_above = torch.stack([probs[i, order[i, :rank[i]]].sum() for i in range(len(tokens))])
+        assert (mass_above < top_p + 1e-6).all()
+        draws += len(tokens)
+    assert draws >= 16 * len(PROMPTS) * 30
+
+
+def test_draw_frequencies_follow_the_filtered_distribution():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]])).expand(40_000, -1)
+    gen = torch.Generator().manual_seed(0)
+    for top_k, top_p, expected in [(0, 1.0, [0.4, 0.3, 0.15, 0.1, 0.05]), (2, 1.0, [4 / 7, 3 / 7, 0, 0, 0]),
+                                   (0, 0.8, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0])]:
+        token, logprob = sample._draw(logits, torch.rand(logits.shape, generator=gen), 1.0, top_k, top_p)
+        counts = collections.Counter(token.tolist())
+        for tok, e in enumerate(expected):
+            assert abs(counts[tok] / len(token) - e) < 0.01, (top_k, top_p, tok)
+            if e:
+                assert torch.allclose(logprob[token == tok], torch.tensor(e).log())
+
+
+class _CharTokenizer:
+    def decode(self, ids):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+def test_stop_string_cuts_after_its_first_occurrence(lm):
+    free = sample.generate(lm, PROMPTS, 24, temperature=0)
+    tok = _CharTokenizer()
+    text = tok.decode(free[0])
+    stop = text[6:9]  # a string that first ends at some step of row 0
+    end = text.index(stop) + len(stop)
+    out = sample.sample(lm, PROMPTS, 24, temperature=0, stop=[stop, "#never#"], tokenizer=tok)
+    assert out.tokens[0] == free[0][:end] and out.finished[0]
+    for free_row, cut in zip(free, out.tokens):
+        assert free_row[:len(cut)] == cut
+        assert (stop in tok.decode(cut)) == (len(cut) < 24) or tok.decode(cut).endswith(stop)
+    with pytest.raises(ValueError, match="tokenizer"):
+        sample.generate(lm, PROMPTS, 4, stop="x")

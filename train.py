@@ -1,0 +1,454 @@
+"""One training loop for every mode: the SFT warm start, and RL (GRPO, plus a reward term or an
+auxiliary module per mode).
+
+    python train.py --mode sft                          # warm-start the built-in tiny model
+    python train.py --mode grpo                         # RL from it (trains the warm start first if missing)
+    torchrun --nproc_per_node=2 train.py --mode grpo    # the same run in 2 processes (gloo on CPU, NCCL on GPU)
+    python train.py --mode grpo --out runs/grpo --resume    # continue exactly where it stopped
+    python eval.py --plot runs/grpo/metrics.jsonl       # curves
+
+A run directory holds `model/` (a save_pretrained directory: weights, config, tokenizer, plus
+trainer_state.pt to resume), `metrics.jsonl` (one line per step, keys in METRICS) and
+`args.json`. Ctrl-C finishes the current step, saves, and exits (twice: exit at once).
+Randomness is a pure function of (seed, step, rank), so a resumed run replays exactly.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import countdown
+import grpo
+from eval import default_max_new_tokens, default_style, evaluate
+from model import (TinyTokenizer, check_model_path, encode_prompt, load_model, load_tokenizer, new_tiny_model,
+                   save_model)
+from sample import sample
+
+MODES = ("sft", "grpo")
+DEFAULT_MODEL = os.path.join("runs", "tiny-sft", "model")
+METRICS = {  # what each line of metrics.jsonl holds
+    "step": "optimizer steps done", "lr": "learning rate of the step",
+    "loss": "training loss (SFT: cross-entropy per token; RL: clipped surrogate + KL)",
+    "reward_mean": "mean total reward of the rollouts", "success_rate": "fraction of rollouts that verify",
+    "format_rate": "fraction of rollouts with a parsable <Solution> block",
+    "adv_std": "std of the advantages", "zero_adv_frac": "fraction of groups whose rewards are all equal (no signal)",
+    "kl": "approx. KL(old || new) over the updates", "kl_ref": "k3 KL to the reference (with --kl-coef)",
+    "clip_frac": "fraction of tokens whose ratio was clipped", "entropy": "mean token entropy of the rollouts",
+    "response_length_mean": "mean rollout length (tokens)", "response_length_max": "longest rollout (tokens)",
+    "tokens_per_s": "sampled tokens per second (all ranks)",
+    "time_sample": "seconds sampling", "time_reward": "seconds scoring", "time_train": "seconds in forward/backward",
+    "heldout/success_rate": "greedy success on held-out problems (every --eval-every steps)",
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", default="grpo", help=f"one of {', '.join(MODES)}")
+    ap.add_argument("--model", help=f"model directory or hub name (RL default: {DEFAULT_MODEL}; SFT: a new tiny model)")
+    ap.add_argument("--out", help="run directory (default runs/<mode>)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: 1500 SFT, 200 RL)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 SFT, 2e-4 RL)")
+    ap.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine to 10%%")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--prompt", choices=("bare", "longproc"), help="prompt style (default: bare for the tiny model)")
+    ap.add_argument("--search-tokens", type=int, nargs=2, default=list(countdown.TINY_TOKENS), metavar=("LO", "HI"),
+                    help="difficulty: LongProc search tokens of training problems")
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--eval-problems", type=int, default=200)
+    ap.add_argument("--save-every", type=int, default=50)
+    # SFT
+    ap.add_argument("--batch-size", type=int, default=32, help="SFT sequences per step (global)")
+    # RL
+    ap.add_argument("--prompts-per-step", type=int, default=16, help="global; must divide by the world size")
+    ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--ppo-epochs", type=int, default=1)
+    ap.add_argument("--minibatches", type=int, default=2)
+    ap.add_argument("--clip-low", type=float, default=0.2)
+    ap.add_argument("--clip-high", type=float, default=0.28)
+    ap.add_argument("--ratio", choices=grpo.RATIOS, default="token")
+    ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="token-mean")
+    ap.add_argument("--no-scale-adv", action="store_true", help="mean-centre advantages only (Dr. GRPO)")
+    ap.add_argument("--kl-coef", type=float, default=0.0)
+    ap.add_argument("--format-reward", type=float, default=0.1, help="added when a <Solution> block parses")
+    # hardware
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    args = ap.parse_args(argv)
+    sft = args.mode == "sft"
+    args.out = args.out or (os.path.dirname(DEFAULT_MODEL) if sft else os.path.join("runs", args.mode))
+    args.steps = args.steps or (1500 if sft else 200)
+    args.lr = args.lr or (3e-3 if sft else 2e-4)
+    return args
+
+
+def check_args(args, world):
+    """Every error a user can make, as one line, before any model is loaded."""
+    problems = []
+    if args.mode not in MODES:
+        problems.append(f"unknown --mode {args.mode!r}: expected one of {', '.join(MODES)}")
+    if args.mode != "sft":
+        if args.group_size < 2:
+            problems.append(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per prompt")
+        if args.prompts_per_step % world:
+            problems.append(f"--prompts-per-step {args.prompts_per_step} does not divide by the {world} processes")
+        elif (args.prompts_per_step // world) % args.minibatches:
+            problems.append(f"{args.prompts_per_step // world} prompts per process do not split into "
+                            f"--minibatches {args.minibatches}")
+    elif args.batch_size % world:
+        problems.append(f"--batch-size {args.batch_size} does not divide by the {world} processes")
+    state = os.path.join(args.out, "model", "trainer_state.pt")
+    if args.resume and not os.path.exists(state):
+        problems.append(f"--resume: no checkpoint at {state}")
+    if not args.resume and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+        problems.append(f"{args.out} holds another run: pass --resume to continue it, or choose another --out")
+    if args.model and args.model != DEFAULT_MODEL:
+        try:
+            check_model_path(args.model)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        sys.exit("error: " + problems[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes, threads, randomness
+
+def setup_distributed():
+    """(rank, world, device). Single process when not launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def cpu_threads(world, phase):
+    """Threads for a phase on CPU. Measured on 2-core VMs (bench/threads.py): training matmuls
+    gain from both cores, a tiny model's decode steps do not; processes share the cores."""
+    cores = max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(1 if phase == "decode" else cores)
+
+
+def seed_for(*parts):
+    """A 63-bit seed that depends on every part (stable across runs and machines)."""
+    h = 1469598103934665603
+    for p in parts:
+        for byte in str(p).encode() + b"|":
+            h = ((h ^ byte) * 1099511628211) % (1 << 64)
+    return h >> 1
+
+
+def all_reduce(values, world, op="sum"):
+    """Sum (or max) a list of floats over processes, in one collective."""
+    if world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and logs
+
+def save_checkpoint(run_dir, model, tokenizer, optimizer, step, finished=False, extra=None):
+    """Atomically replace run_dir/model: write a temp dir, then rename over the old one."""
+    final, tmp = os.path.join(run_dir, "model"), os.path.join(run_dir, "model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    torch.save({"step": step, "finished": finished, "optimizer": optimizer.state_dict(), "extra": extra or {}},
+               os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(final):
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+
+def truncate_metrics(run_dir, step):
+    """On resume: drop the lines a stopped run wrote after its last checkpoint."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(rows)
+
+
+class StopRequest:
+    """First Ctrl-C: finish the step, save, exit. Second: exit now."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again to quit without saving)", file=sys.stderr)
+
+
+def learning_rate(args, step):
+    warm = min(1.0, (step + 1) / max(1, args.warmup))
+    progress = min(1.0, step / max(1, args.steps))
+    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+def pack(prompts, responses, pad_id, device):
+    """Rows [left pad | prompt | response | right pad] for responses to prompts[i // G].
+    Returns input_ids, attention_mask, response_mask (float)."""
+    group = len(responses) // len(prompts)
+    width_p, width_r = max(map(len, prompts)), max(1, max(map(len, responses)))
+    ids = torch.full((len(responses), width_p + width_r), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros(ids.shape)
+    for i, r in enumerate(responses):
+        p = prompts[i // group]
+        ids[i, width_p - len(p):width_p] = torch.tensor(p)
+        ids[i, width_p:width_p + len(r)] = torch.tensor(r, dtype=torch.long)
+        attention[i, width_p - len(p):width_p + len(r)] = 1
+        response[i, width_p:width_p + len(r)] = 1
+    return ids.to(device), attention.to(device), response.to(device)
+
+
+def heldout_keys():
+    """Problems training must never see: the held-out stream's and LongProc's test split."""
+    keys = {countdown.problem_key(*p) for p in countdown.heldout_problems(1000)}
+    longproc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "longproc", "countdown_0.5k.json")
+    if os.path.exists(longproc):
+        keys |= {countdown.problem_key(*p) for p in countdown.load_problems(longproc)}
+    return keys
+
+
+def sft_pool(args, pool_index, rank, world, tokenizer, exclude):
+    """Four batches of this rank's SFT examples (prompt ids, completion ids), sorted by length so
+    each batch pads little; a pure function of (seed, pool_index, rank)."""
+    rng = random.Random(seed_for(args.seed, "sft", pool_index, rank))
+    per_rank = args.batch_size // world
+    pool = []
+    for _ in range(4 * per_rank):
+        p = countdown.random_problem(rng, tokens=tuple(args.search_tokens), exclude=exclude)
+        style = "compact" if args.prompt == "bare" else "longproc"
+        pool.append((encode_prompt(tokenizer, countdown.prompt(p, args.prompt), chat=args.prompt == "longproc"),
+                     tokenizer.encode(countdown.search_trace(*p, style=style)) + [tokenizer.eos_token_id]))
+    pool.sort(key=lambda x: len(x[0]) + len(x[1]))
+    batches = [pool[k * per_rank:(k + 1) * per_rank] for k in range(4)]
+    random.Random(seed_for(args.seed, "order", pool_index)).shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# The two kinds of step
+
+def sft_step(args, step, ctx):
+    """One supervised step on this rank's slice of the batch: cross-entropy of the completions."""
+    pool_index, part = divmod(step, 4)
+    if ctx.get("pool_index") != pool_index:
+        ctx["pool"], ctx["pool_index"] = sft_pool(args, pool_index, ctx["rank"], ctx["world"], ctx["tokenizer"],
+                                                  ctx["exclude"]), pool_index
+    batch = ctx["pool"][part]
+    t0 = time.perf_counter()
+    ids, attention, response = pack([b[0] for b in batch], [b[1] for b in batch], ctx["tokenizer"].pad_token_id,
+                                    ctx["device"])
+    with ctx["autocast"]():
+        out = grpo.sequence_logprobs(ctx["train_model"], ids, attention, response)
+    loss = -out.logp.sum() / response.sum()
+    ctx["optimizer"].zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ctx["model"].parameters(), args.grad_clip)
+    ctx["optimizer"].step()
+    (total,) = all_reduce([loss.item()], ctx["world"])
+    return {"loss": total / ctx["world"], "time_train": time.perf_counter() - t0}
+
+
+def rl_step(args, step, ctx):
+    """Draw prompts, roll out G per prompt, score, and take PPO-clipped updates."""
+    rank, world, device, tok, model = ctx["rank"], ctx["world"], ctx["device"], ctx["tokenizer"], ctx["model"]
+    per_rank, group = args.prompts_per_step // world, args.group_size
+    rng = random.Random(seed_for(args.seed, "prompts", step))  # the same global list on every rank
+    problems = [countdown.random_problem(rng, tokens=tuple(args.search_tokens), exclude=ctx["exclude"])
+                for _ in range(args.prompts_per_step)][rank * per_rank:(rank + 1) * per_rank]
+    prompts = [encode_prompt(tok, countdown.prompt(p, ctx["style"]), chat=ctx["style"] == "longproc") for p in problems]
+    # one generator per prompt: a rollout does not depend on which process or batch drew it
+    generators = [torch.Generator(device).manual_seed(seed_for(args.seed, "sample", step, rank * per_rank + i))
+                  for i in range(per_rank)]
+
+    t0 = time.perf_counter()
+    if device.type == "cpu":
+        cpu_threads(world, "decode")
+    with ctx["autocast"]():
+        rollouts = sample(model, prompts, ctx["max_new_tokens"], temperature=args.temperature, top_p=args.top_p,
+                          num_samples=group, eos_token_id=tok.eos_token_id, stop="</Solution>", tokenizer=tok,
+                          generator=generators, pad_token_id=tok.pad_token_id)
+    if device.type == "cpu":
+        cpu_threads(world, "train")
+    t1 = time.perf_counter()
+    texts = [tok.decode(t, skip_special_tokens=True) for t in rollouts.tokens]
+    owners = [problems[i // group] for i in range(len(texts))]
+    correct = torch.tensor([countdown.verify(p.nums, p.target, x) for p, x in zip(owners, texts)], dtype=torch.float)
+    formatted = torch.tensor([countdown.solution_format_ok(x, len(p.nums)) for p, x in zip(owners, texts)],
+                             dtype=torch.float)
+    rewards = correct + args.format_reward * formatted
+    advantages = grpo.group_advantages(rewards, group, scale=not args.no_scale_adv).to(device)
+    t2 = time.perf_counter()
+
+    ids, attention, response = pack(prompts, rollouts.tokens, tok.pad_token_id, device)
+    with torch.no_grad(), ctx["autocast"]():
+        old = grpo.sequence_logprobs(model, ids, attention, response, entropy=True)
+        ref = grpo.sequence_logprobs(ctx["ref_model"], ids, attention, response) if ctx["ref_model"] else None
+    minibatches = [torch.tensor([i for i in range(len(texts)) if (i // group) % args.minibatches == k], device=device)
+                   for k in range(args.minibatches)]
+    tokens_of = all_reduce([response[rows].sum().item() for rows in minibatches], world)
+    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "kl_ref": 0.0}
+    for _ in range(args.ppo_epochs):
+        for rows, tokens in zip(minibatches, tokens_of):
+            with ctx["autocast"]():
+                new = grpo.sequence_logprobs(ctx["train_model"], ids[rows], attention[rows], response[rows])
+            loss, stats = grpo.policy_loss(
+                new.logp, old.logp[rows], advantages[rows], response[rows], clip_low=args.clip_low,
+                clip_high=args.clip_high, ratio=args.ratio, agg=args.agg, kl_coef=args.kl_coef,
+                ref_logp=None if ref is None else ref.logp[rows], num_tokens=tokens / world,
+                max_length=ctx["max_new_tokens"])
+            ctx["optimizer"].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            ctx["optimizer"].step()
+            sums["loss"] += loss.detach()
+            sums["kl"] += stats["approx_kl"]
+            sums["clip_frac"] += stats["clip_frac"]
+            sums["kl_ref"] += stats.get("kl_ref", 0.0)
+    t3 = time.perf_counter()
+
+    updates = args.ppo_epochs * args.minibatches
+    lengths = [len(t) for t in rollouts.tokens]
+    grouped = rewards.view(-1, group)
+    local = [rewards.sum().item(), correct.sum().item(), formatted.sum().item(), advantages.sum().item(),
+             (advantages ** 2).sum().item(), (grouped.amax(1) == grouped.amin(1)).sum().item(),
+             (old.entropy * response).sum().item(), response.sum().item(), sum(lengths), len(lengths)]
+    local += [float(v) / updates for v in sums.values()]
+    g = all_reduce(local, world)
+    n = g[9]
+    row = {"loss": g[10] / world, "reward_mean": g[0] / n, "success_rate": g[1] / n, "format_rate": g[2] / n,
+           "adv_std": math.sqrt(max(0.0, g[4] / n - (g[3] / n) ** 2)), "zero_adv_frac": g[5] / (n / group),
+           "kl": g[11] / world, "clip_frac": g[12] / world, "entropy": g[6] / max(g[7], 1),
+           "response_length_mean": g[8] / n, "response_length_max": all_reduce([max(lengths)], world, "max")[0],
+           "tokens_per_s": g[8] / max(t1 - t0, 1e-9), "time_sample": t1 - t0, "time_reward": t2 - t1,
+           "time_train": t3 - t2}
+    if args.kl_coef:
+        row["kl_ref"] = g[13] / world
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+def warm_start_ready():
+    state = os.path.join(DEFAULT_MODEL, "trainer_state.pt")
+    return os.path.exists(state) and torch.load(state, weights_only=True)["finished"]
+
+
+def run(args, rank, world, device):
+    resume = os.path.join(args.out, "model")
+    source = resume if args.resume else (args.model or (None if args.mode == "sft" else DEFAULT_MODEL))
+    tokenizer = load_tokenizer(source) if source else TinyTokenizer()
+    model = load_model(source, device=device) if source else new_tiny_model(seed=args.seed).to(device)
+    args.prompt = args.prompt or default_style(tokenizer)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    ref_model = None
+    if args.kl_coef > 0 and args.mode != "sft":  # the frozen reference exists only when it is used
+        ref_model = load_model(args.model or DEFAULT_MODEL, device=device).eval().requires_grad_(False)
+    bf16 = args.bf16 and device.type == "cuda"
+    ctx = {"rank": rank, "world": world, "device": device, "tokenizer": tokenizer, "model": model,
+           "train_model": train_model, "optimizer": optimizer, "ref_model": ref_model, "style": args.prompt,
+           "max_new_tokens": args.max_new_tokens or default_max_new_tokens(args.prompt), "exclude": heldout_keys(),
+           "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)}
+    heldout = countdown.heldout_problems(args.eval_problems, tokens=tuple(args.search_tokens))
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        truncate_metrics(args.out, start)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    step_fn = sft_step if args.mode == "sft" else rl_step
+    stop = StopRequest()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode, disable=rank != 0)
+    step = start
+    for step in bar:
+        lr = learning_rate(args, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if device.type == "cpu":
+            cpu_threads(world, "train")
+        torch.manual_seed(seed_for(args.seed, "torch", step, rank))
+        row = {"step": step + 1, "lr": lr, **step_fn(args, step, ctx)}
+        done = step + 1 == args.steps
+        if rank == 0 and ((step + 1) % args.eval_every == 0 or done):
+            if device.type == "cpu":
+                cpu_threads(world, "decode")
+            metrics = evaluate(model, tokenizer, heldout, style=args.prompt, max_new_tokens=ctx["max_new_tokens"])
+            row["heldout/success_rate"] = metrics["success_rate"]
+        if rank == 0:
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix({k: round(row[k], 3) for k in ("loss", "reward_mean", "success_rate",
+                                                          "heldout/success_rate") if k in row})
+            if (step + 1) % args.save_every == 0 or done or stop.requested:
+                save_checkpoint(args.out, model, tokenizer, optimizer, step + 1, finished=done)
+        if stop.requested:
+            break
+    bar.close()
+    if rank == 0:
+        print(f"{args.mode}: {step + 1} steps, checkpoint in {resume}")
+    return stop.requested
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    check_args(args, world)
+    if args.mode != "sft" and not args.model and not warm_start_ready():
+        if rank == 0:
+            print(f"no warm start at {DEFAULT_MODEL}: training it first (python train.py --mode sft)")
+        sft = parse_args(["--mode", "sft", "--seed", str(args.seed)])
+        sft.resume = os.path.exists(os.path.join(sft.out, "model", "trainer_state.pt"))
+        check_args(sft, world)
+        if run(sft, rank, world, device):
+            return
+    run(args, rank, world, device)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

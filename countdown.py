@@ -132,9 +132,11 @@ def _longproc_line(step, target):
     return f"{head} Add {step.value} to the number set. Current number set: {_state_text(step.child, target)}"
 
 
-def _compact_line(step):
+def _compact_line(step, target):
     line = f"{step.a}{step.op}{step.b}={step.value}"
-    return line if len(step.child) == 1 else f"{line} [{','.join(str(x) for x in step.child)}]"
+    if len(step.child) == 1:  # a leaf restates the target: the model compares two adjacent numbers
+        return f"{line}|{target}"
+    return f"{line} [{','.join(str(x) for x in step.child)}]"
 
 
 STYLES = ("longproc", "compact")
@@ -145,8 +147,8 @@ def search_trace(nums, target, style="longproc"):
 
     "longproc": LongProc's demonstration (search log, trace-back, <Solution>), byte for byte.
     "compact": the same search, one line per legal operation with the set it leads to
-    (`21+16=37 [37,17,26]`; a leaf is just `54+26=80`), then <Solution> with spaced equations
-    (so they never read as leaves). ~8x shorter: the format the built-in tiny model learns.
+    (`21+16=37 [37,17,26]`; a leaf restates the target: `54+26=80|46`), then <Solution>.
+    ~7x shorter: the format the built-in tiny model learns.
     """
     nums = list(nums)
     if len(nums) < 2:
@@ -157,7 +159,7 @@ def search_trace(nums, target, style="longproc"):
     if not _search(nums, target, 0, steps, path):
         return None
     if style == "compact":
-        lines = [_compact_line(s) for s in steps if s.kind == "try" and s.child]
+        lines = [_compact_line(s, target) for s in steps if s.kind == "try" and s.child]
         return "\n".join(lines) + "\n<Solution>\n" + "".join(f"{a} {op} {b} = {v}\n" for a, op, b, v in path) + "</Solution>\n"
     equations = [f"{a} {op} {b} = {v}" for a, op, b, v in path]
     names = ["Final step"] + ["The step before"] * (len(path) - 2) + ["The first step"] * (len(path) > 1)
@@ -166,6 +168,26 @@ def search_trace(nums, target, style="longproc"):
     return ("<Search Procedure>\n" + "\n".join(lines) + "\n</Search Procedure>\n\n"
             "Now we have found the target, let's trace back the solution:\n" + "\n".join(traceback) + "\n\n"
             "Output the solution in the required format:\n<Solution>\n" + "\n".join(equations) + "\n</Solution>\n")
+
+
+def search_states(nums, target):
+    """The states the reference search writes, in order, each with the final values it reached
+    below them: [(numbers, reached)], numbers a tuple as written (the new number first),
+    reached a frozenset (a leaf reaches its own value). Without the initial numbers; for an
+    unsolvable problem, the states of the whole failed search."""
+    steps, path = [], []
+    _search(list(nums), target, 0, steps, path)
+    states = [(s.depth, s.child) for s in steps if s.kind == "try" and s.child]
+    out = []
+    for k, (depth, child) in enumerate(states):
+        reached = {child[0]} if len(child) == 1 else set()
+        for d, c in states[k + 1:]:
+            if d <= depth:
+                break
+            if len(c) == 1:
+                reached.add(c[0])
+        out.append((child, frozenset(reached)))
+    return out
 
 
 def trace_tokens(trace):
@@ -181,7 +203,7 @@ def trace_tokens(trace):
 # ---------------------------------------------------------------------------------------------
 # The exact oracle
 
-@functools.lru_cache(maxsize=1 << 20)
+@functools.lru_cache(maxsize=1 << 17)
 def reachable_values(nums):
     """Every final value reachable from the sorted tuple `nums` under the rules (memoised)."""
     if len(nums) == 1:
@@ -356,7 +378,7 @@ def verify_expression(nums, target, text):
 
 _NUMBER_LIST = r"\[\s*([0-9]{1,6}(?:\s*,\s*[0-9]{1,6})*)\s*\]"
 _STATE = re.compile(rf"(?:Current number set: |=[0-9]{{1,6}} ){_NUMBER_LIST}|Evaluate ([0-9]{{1,6}})\b"
-                    r"|^[0-9]{1,6}[-+*/][0-9]{1,6}=([0-9]{1,6})$", re.ASCII | re.MULTILINE)
+                    r"|^[0-9]{1,6}[-+*/][0-9]{1,6}=([0-9]{1,6})\|", re.ASCII | re.MULTILINE)
 
 
 def extract_states(completion):
@@ -364,7 +386,7 @@ def extract_states(completion):
 
     A state is a `Current number set: [...]` or a leaf result (`Evaluate X ...`, the set [X])
     in the LongProc style; in the compact style, the set after `=X ` (`21+16=37 [37,17,26]`)
-    or the result of a leaf line (`54+26=80`, the set [80]);
+    or the result of a leaf line (`54+26=80|46`, the set [80]);
     `offset` is the index of the state's last character (the `]`, or X's last digit), so a
     reward placed there credits every token that wrote it. What does not parse is skipped.
     """
@@ -381,7 +403,10 @@ def extract_states(completion):
 # ---------------------------------------------------------------------------------------------
 # Problems
 
-def random_problem(rng, n=4, num_range=(1, 49), target_range=(10, 50), tokens=None, exclude=frozenset()):
+NUM_RANGE, TARGET_RANGE = (1, 49), (10, 50)  # LongProc's distribution for 4 numbers
+
+
+def random_problem(rng, n=4, num_range=NUM_RANGE, target_range=TARGET_RANGE, tokens=None, exclude=frozenset()):
     """A solvable problem from the LongProc distribution, deterministic for `rng`'s state.
 
     rng: a random.Random. tokens: (lo, hi) bounds on `trace_tokens(search_trace(...))`, the
@@ -399,13 +424,18 @@ def random_problem(rng, n=4, num_range=(1, 49), target_range=(10, 50), tokens=No
 
 
 HELDOUT_SEED = 20_251_122  # the held-out stream; training streams use other seeds and exclude it
-TINY_TOKENS = (0, 2050)    # the built-in tiny model's problems: LongProc 0.5k and 2k difficulty
+PRESETS = {  # problem distributions: keyword arguments of random_problem
+    # the built-in tiny model's: 4 one-digit numbers, searches of at most ~20 tries (CPU-sized)
+    "tiny": {"n": 4, "num_range": (1, 9), "target_range": TARGET_RANGE, "tokens": (0, 1100)},
+    # LongProc's 0.5k split: 4 numbers in 1..49, 330-510 search tokens
+    "longproc": {"n": 4, "num_range": NUM_RANGE, "target_range": TARGET_RANGE, "tokens": (330, 510)},
+}
 
 
-def heldout_problems(n, tokens=TINY_TOKENS, n_numbers=4):
-    """The first n problems of the fixed held-out stream (the same on every machine)."""
+def heldout_problems(n, preset="tiny"):
+    """The first n problems of the fixed held-out stream of a preset (the same everywhere)."""
     rng = random.Random(HELDOUT_SEED)
-    return [random_problem(rng, n=n_numbers, tokens=tokens) for _ in range(n)]
+    return [random_problem(rng, **PRESETS[preset]) for _ in range(n)]
 
 
 def load_problems(path):

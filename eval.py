@@ -31,7 +31,7 @@ def default_style(tokenizer):
 
 
 def default_max_new_tokens(style):
-    # the tiny model's compact traces of TINY_TOKENS problems stay under ~700 tokens;
+    # the tiny model's compact traces of "tiny" problems stay under ~400 tokens;
     # LongProc 0.5k demonstrations under ~650 of a typical BPE tokenizer's tokens
     return 768 if style == "bare" else 1024
 
@@ -108,6 +108,7 @@ def main():
     data = ap.add_mutually_exclusive_group()
     data.add_argument("--data", help="problems: LongProc JSON or our JSONL")
     data.add_argument("--procedural", type=int, default=200, help="N held-out procedural problems (default)")
+    ap.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny", help="distribution of --procedural")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int)
@@ -125,7 +126,7 @@ def main():
     try:
         for path in args.model:
             check_model_path(path)
-        problems = countdown.load_problems(args.data) if args.data else countdown.heldout_problems(args.procedural)
+        problems = countdown.load_problems(args.data) if args.data else countdown.heldout_problems(args.procedural, args.preset)
     except ValueError as e:
         ap.error(str(e))
     torch.set_num_threads(1)  # decoding: see sample.py

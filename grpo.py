@@ -34,15 +34,15 @@ def _normalise(values, valid, groups, scale, eps):
     return torch.where(big > small, centred, torch.zeros_like(centred)).reshape(values.shape)
 
 
-def group_advantages(rewards, group_size, *, scale=True, eps=1e-6, step_rewards=None, step_mask=None):
+def group_advantages(rewards, group_size, *, scale=True, eps=1e-6, step_rewards=None, step_mask=None, step_weight=1.0):
     """Advantages of N rollouts whose rows are grouped consecutively, G = group_size per prompt.
 
     Outcome only: `(r - mean_g) / (std_g + eps)` (unbiased std), [N]; `scale=False` only
     centres (Dr. GRPO). A group of identical rewards gets exactly 0.
     Process credit (DeepSeekMath 4.1.3): `step_rewards` [N, T] holds a reward at each token
     where a step ends (`step_mask` marks them). Step rewards are normalised over all steps of
-    the group, and a token's advantage is the outcome advantage plus the sum of the normalised
-    step rewards at or after it: [N, T].
+    the group, and a token's advantage is the outcome advantage plus `step_weight` times the
+    sum of the normalised step rewards at or after it: [N, T].
     """
     n = rewards.shape[0]
     if n % group_size:
@@ -53,7 +53,7 @@ def group_advantages(rewards, group_size, *, scale=True, eps=1e-6, step_rewards=
         return outcome
     steps = _normalise(step_rewards, step_mask, groups, scale, eps)
     to_go = steps.flip(-1).cumsum(-1).flip(-1)  # sum over steps at or after each token
-    return outcome[:, None] + to_go
+    return outcome[:, None] + step_weight * to_go
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, ratio="token", agg="token-mean",

@@ -125,3 +125,17 @@ def encode_prompt(tokenizer, text, chat=False):
                                                   tokenize=True, return_dict=False))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer.encode(text, add_special_tokens=False)
+
+
+def token_end_offsets(tokenizer, tokens):
+    """End offset (exclusive) in `tokenizer.decode(tokens, skip_special_tokens=True)` of each
+    token's text: token k wrote the characters [ends[k-1], ends[k]). Per-token decodes are
+    summed; when that does not add up (a byte-level tokenizer splitting a character), prefix
+    decodes are used instead (exact, quadratic)."""
+    ends, total = [], 0
+    for t in tokens:
+        total += len(tokenizer.decode([t], skip_special_tokens=True))
+        ends.append(total)
+    if total != len(tokenizer.decode(tokens, skip_special_tokens=True)):
+        ends = [len(tokenizer.decode(tokens[:k + 1], skip_special_tokens=True)) for k in range(len(tokens))]
+    return ends

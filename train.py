@@ -26,15 +26,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import clipo
 import countdown
+import critic
 import grpo
+import rewards
 from eval import default_max_new_tokens, default_style, evaluate
 from model import (TinyTokenizer, check_model_path, encode_prompt, load_model, load_tokenizer, new_tiny_model,
                    save_model)
 from sample import sample
 
-MODES = ("sft", "grpo")
+MODES = ("sft", "grpo", "critic", "oracle", "clipo")  # RL modes combine with "+", e.g. clipo+critic
 DEFAULT_MODEL = os.path.join("runs", "tiny-sft", "model")
+DEFAULT_CRITIC = os.path.join("runs", "critic.safetensors")
 METRICS = {  # what each line of metrics.jsonl holds
     "step": "optimizer steps done", "lr": "learning rate of the step",
     "loss": "training loss (SFT: cross-entropy per token; RL: clipped surrogate + KL)",
@@ -52,7 +56,7 @@ METRICS = {  # what each line of metrics.jsonl holds
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", default="grpo", help=f"one of {', '.join(MODES)}")
+    ap.add_argument("--mode", default="grpo", help=f"one of {', '.join(MODES)}; RL modes combine, e.g. clipo+critic")
     ap.add_argument("--model", help=f"model directory or hub name (RL default: {DEFAULT_MODEL}; SFT: a new tiny model)")
     ap.add_argument("--out", help="run directory (default runs/<mode>)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -63,9 +67,9 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--prompt", choices=("bare", "longproc"), help="prompt style (default: bare for the tiny model)")
-    ap.add_argument("--search-tokens", type=int, nargs=2, default=list(countdown.TINY_TOKENS), metavar=("LO", "HI"),
-                    help="difficulty: LongProc search tokens of training problems")
-    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny",
+                    help="problem distribution (countdown.PRESETS): tiny, or longproc (LongProc 0.5k)")
+    ap.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 250 SFT, 25 RL)")
     ap.add_argument("--eval-problems", type=int, default=200)
     ap.add_argument("--save-every", type=int, default=50)
     # SFT
@@ -85,23 +89,42 @@ def parse_args(argv=None):
     ap.add_argument("--no-scale-adv", action="store_true", help="mean-centre advantages only (Dr. GRPO)")
     ap.add_argument("--kl-coef", type=float, default=0.0)
     ap.add_argument("--format-reward", type=float, default=0.1, help="added when a <Solution> block parses")
+    # critic / oracle
+    ap.add_argument("--critic", default=DEFAULT_CRITIC, help="critic weights (trained first when absent)")
+    ap.add_argument("--critic-credit", choices=("sequence", "process"), default="sequence")
+    ap.add_argument("--critic-coef", type=float, default=0.5,
+                    help="beta: weight of the state values (sequence) or of the step advantages (process)")
+    # CLIPO
+    ap.add_argument("--clipo-kind", choices=clipo.KINDS, default="infonce")
+    ap.add_argument("--clipo-tau", type=float, default=0.05)
+    ap.add_argument("--clipo-lambda", type=float, default=0.2)
+    ap.add_argument("--clipo-floor", type=float, default=-0.5)
+    ap.add_argument("--clipo-dim", type=int, default=512)
+    ap.add_argument("--clipo-lr", type=float, default=1e-3)
+    ap.add_argument("--clipo-warmup", type=int, default=5, help="first steps train only the head")
     # hardware
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    ap.add_argument("--procs", type=int, help="processes on this machine when not under torchrun "
+                    "(default: one per core on CPU, where 2 x 1 thread beat 1 x 2 threads; 1 on GPU)")
     args = ap.parse_args(argv)
     sft = args.mode == "sft"
-    args.out = args.out or (os.path.dirname(DEFAULT_MODEL) if sft else os.path.join("runs", args.mode))
+    args.out = args.out or (os.path.dirname(DEFAULT_MODEL) if sft else os.path.join("runs", args.mode.replace("+", "-")))
     args.steps = args.steps or (1500 if sft else 200)
     args.lr = args.lr or (3e-3 if sft else 2e-4)
+    args.eval_every = args.eval_every or (250 if sft else 25)
     return args
 
 
 def check_args(args, world):
     """Every error a user can make, as one line, before any model is loaded."""
     problems = []
-    if args.mode not in MODES:
-        problems.append(f"unknown --mode {args.mode!r}: expected one of {', '.join(MODES)}")
+    parts = mode_parts(args.mode)
+    if not parts <= set(MODES) or ("sft" in parts and len(parts) > 1):
+        problems.append(f"unknown --mode {args.mode!r}: expected one of {', '.join(MODES)} (RL modes joined by +)")
+    if {"critic", "oracle"} <= parts:
+        problems.append("--mode: critic and oracle are two sources of the same reward; choose one")
     if args.mode != "sft":
         if args.group_size < 2:
             problems.append(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per prompt")
@@ -124,6 +147,10 @@ def check_args(args, world):
             problems.append(str(e))
     if problems:
         sys.exit("error: " + problems[0])
+
+
+def mode_parts(mode):
+    return set(mode.split("+"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +245,7 @@ def learning_rate(args, step):
 
 def pack(prompts, responses, pad_id, device):
     """Rows [left pad | prompt | response | right pad] for responses to prompts[i // G].
-    Returns input_ids, attention_mask, response_mask (float)."""
+    Returns input_ids, attention_mask, response_mask (float), and the first response column."""
     group = len(responses) // len(prompts)
     width_p, width_r = max(map(len, prompts)), max(1, max(map(len, responses)))
     ids = torch.full((len(responses), width_p + width_r), pad_id, dtype=torch.long)
@@ -230,12 +257,12 @@ def pack(prompts, responses, pad_id, device):
         ids[i, width_p:width_p + len(r)] = torch.tensor(r, dtype=torch.long)
         attention[i, width_p - len(p):width_p + len(r)] = 1
         response[i, width_p:width_p + len(r)] = 1
-    return ids.to(device), attention.to(device), response.to(device)
+    return ids.to(device), attention.to(device), response.to(device), width_p
 
 
-def heldout_keys():
+def heldout_keys(args):
     """Problems training must never see: the held-out stream's and LongProc's test split."""
-    keys = {countdown.problem_key(*p) for p in countdown.heldout_problems(1000)}
+    keys = {countdown.problem_key(*p) for p in countdown.heldout_problems(1000, args.preset)}
     longproc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "longproc", "countdown_0.5k.json")
     if os.path.exists(longproc):
         keys |= {countdown.problem_key(*p) for p in countdown.load_problems(longproc)}
@@ -249,7 +276,7 @@ def sft_pool(args, pool_index, rank, world, tokenizer, exclude):
     per_rank = args.batch_size // world
     pool = []
     for _ in range(4 * per_rank):
-        p = countdown.random_problem(rng, tokens=tuple(args.search_tokens), exclude=exclude)
+        p = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS[args.preset])
         style = "compact" if args.prompt == "bare" else "longproc"
         pool.append((encode_prompt(tokenizer, countdown.prompt(p, args.prompt), chat=args.prompt == "longproc"),
                      tokenizer.encode(countdown.search_trace(*p, style=style)) + [tokenizer.eos_token_id]))
@@ -270,8 +297,8 @@ def sft_step(args, step, ctx):
                                                   ctx["exclude"]), pool_index
     batch = ctx["pool"][part]
     t0 = time.perf_counter()
-    ids, attention, response = pack([b[0] for b in batch], [b[1] for b in batch], ctx["tokenizer"].pad_token_id,
-                                    ctx["device"])
+    ids, attention, response, _ = pack([b[0] for b in batch], [b[1] for b in batch], ctx["tokenizer"].pad_token_id,
+                                       ctx["device"])
     with ctx["autocast"]():
         out = grpo.sequence_logprobs(ctx["train_model"], ids, attention, response)
     loss = -out.logp.sum() / response.sum()
@@ -284,11 +311,12 @@ def sft_step(args, step, ctx):
 
 
 def rl_step(args, step, ctx):
-    """Draw prompts, roll out G per prompt, score, and take PPO-clipped updates."""
+    """Draw prompts, roll out G per prompt, score (outcome + the mode's terms), and take
+    PPO-clipped updates."""
     rank, world, device, tok, model = ctx["rank"], ctx["world"], ctx["device"], ctx["tokenizer"], ctx["model"]
-    per_rank, group = args.prompts_per_step // world, args.group_size
+    parts, per_rank, group = mode_parts(args.mode), args.prompts_per_step // world, args.group_size
     rng = random.Random(seed_for(args.seed, "prompts", step))  # the same global list on every rank
-    problems = [countdown.random_problem(rng, tokens=tuple(args.search_tokens), exclude=ctx["exclude"])
+    problems = [countdown.random_problem(rng, exclude=ctx["exclude"], **countdown.PRESETS[args.preset])
                 for _ in range(args.prompts_per_step)][rank * per_rank:(rank + 1) * per_rank]
     prompts = [encode_prompt(tok, countdown.prompt(p, ctx["style"]), chat=ctx["style"] == "longproc") for p in problems]
     # one generator per prompt: a rollout does not depend on which process or batch drew it
@@ -305,24 +333,42 @@ def rl_step(args, step, ctx):
     if device.type == "cpu":
         cpu_threads(world, "train")
     t1 = time.perf_counter()
+    ids, attention, response, start = pack(prompts, rollouts.tokens, tok.pad_token_id, device)
+    with torch.no_grad(), ctx["autocast"]():
+        old = grpo.sequence_logprobs(model, ids, attention, response, entropy=True, hidden="clipo" in parts)
+        ref = grpo.sequence_logprobs(ctx["ref_model"], ids, attention, response) if ctx["ref_model"] else None
     texts = [tok.decode(t, skip_special_tokens=True) for t in rollouts.tokens]
     owners = [problems[i // group] for i in range(len(texts))]
-    correct = torch.tensor([countdown.verify(p.nums, p.target, x) for p, x in zip(owners, texts)], dtype=torch.float)
-    formatted = torch.tensor([countdown.solution_format_ok(x, len(p.nums)) for p, x in zip(owners, texts)],
-                             dtype=torch.float)
-    rewards = correct + args.format_reward * formatted
-    advantages = grpo.group_advantages(rewards, group, scale=not args.no_scale_adv).to(device)
+    correct, formatted = rewards.outcome(owners, texts)
+    total = correct + args.format_reward * formatted
+    extra, step_rewards, step_mask = {}, None, None
+    if parts & {"critic", "oracle"}:
+        values = rewards.state_values(owners, texts, ctx["critic"])
+        if args.critic_credit == "sequence":
+            bonus = rewards.sequence_credit(values)
+            total = total + args.critic_coef * bonus
+            extra["critic/bonus_mean"] = bonus.mean().item()
+        else:
+            steps, mask = rewards.process_credit(values, texts, rollouts.tokens, tok, ids.shape[1] - start)
+            step_rewards = torch.nn.functional.pad(steps, (start, 0)).to(device)
+            step_mask = torch.nn.functional.pad(mask, (start, 0)).to(device)
+        extra["critic/states_per_rollout"] = sum(len(v) for v in values) / len(values)
+    if "clipo" in parts:
+        generator = torch.Generator(device).manual_seed(seed_for(args.seed, "clipo", step, rank))
+        bonus, stats = ctx["clipo"].step(old.hidden, response, correct.to(device), group, generator, world)
+        if step >= args.clipo_warmup:
+            total = total + bonus.cpu()
+        extra.update({k: v.item() for k, v in stats.items()})
+    advantages = grpo.group_advantages(total.to(device), group, scale=not args.no_scale_adv, step_rewards=step_rewards,
+                                       step_mask=step_mask, step_weight=args.critic_coef)
     t2 = time.perf_counter()
 
-    ids, attention, response = pack(prompts, rollouts.tokens, tok.pad_token_id, device)
-    with torch.no_grad(), ctx["autocast"]():
-        old = grpo.sequence_logprobs(model, ids, attention, response, entropy=True)
-        ref = grpo.sequence_logprobs(ctx["ref_model"], ids, attention, response) if ctx["ref_model"] else None
     minibatches = [torch.tensor([i for i in range(len(texts)) if (i // group) % args.minibatches == k], device=device)
                    for k in range(args.minibatches)]
     tokens_of = all_reduce([response[rows].sum().item() for rows in minibatches], world)
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "kl_ref": 0.0}
-    for _ in range(args.ppo_epochs):
+    policy_updates = 0 if "clipo" in parts and step < args.clipo_warmup else args.ppo_epochs
+    for _ in range(policy_updates):
         for rows, tokens in zip(minibatches, tokens_of):
             with ctx["autocast"]():
                 new = grpo.sequence_logprobs(ctx["train_model"], ids[rows], attention[rows], response[rows])
@@ -341,13 +387,14 @@ def rl_step(args, step, ctx):
             sums["kl_ref"] += stats.get("kl_ref", 0.0)
     t3 = time.perf_counter()
 
-    updates = args.ppo_epochs * args.minibatches
+    updates = max(1, policy_updates * args.minibatches)
     lengths = [len(t) for t in rollouts.tokens]
-    grouped = rewards.view(-1, group)
-    local = [rewards.sum().item(), correct.sum().item(), formatted.sum().item(), advantages.sum().item(),
-             (advantages ** 2).sum().item(), (grouped.amax(1) == grouped.amin(1)).sum().item(),
+    grouped = total.view(-1, group)
+    adv = advantages[:, start] if advantages.dim() == 2 else advantages  # the first response token's
+    local = [total.sum().item(), correct.sum().item(), formatted.sum().item(), adv.sum().item(),
+             (adv ** 2).sum().item(), (grouped.amax(1) == grouped.amin(1)).sum().item(),
              (old.entropy * response).sum().item(), response.sum().item(), sum(lengths), len(lengths)]
-    local += [float(v) / updates for v in sums.values()]
+    local += [float(v) / updates for v in sums.values()] + list(extra.values())
     g = all_reduce(local, world)
     n = g[9]
     row = {"loss": g[10] / world, "reward_mean": g[0] / n, "success_rate": g[1] / n, "format_rate": g[2] / n,
@@ -358,11 +405,24 @@ def rl_step(args, step, ctx):
            "time_train": t3 - t2}
     if args.kl_coef:
         row["kl_ref"] = g[13] / world
+    row.update({k: v / world for k, v in zip(extra, g[14:])})
     return row
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+def load_critic(args, rank, world):
+    """The critic of --critic; when the file is absent, rank 0 trains one first (5 minutes)."""
+    if not os.path.exists(args.critic):
+        if rank == 0:
+            print(f"no critic at {args.critic}: training one first (python critic.py --minutes 5 --out {args.critic})")
+            os.makedirs(os.path.dirname(os.path.abspath(args.critic)), exist_ok=True)
+            critic.save(critic.train(minutes=5.0, preset=args.preset, seed=args.seed), args.critic)
+        if world > 1:
+            dist.barrier()
+    return critic.load(args.critic)  # tiny, and it scores text on the host: it stays on the CPU
+
 
 def warm_start_ready():
     state = os.path.join(DEFAULT_MODEL, "trainer_state.pt")
@@ -389,12 +449,25 @@ def run(args, rank, world, device):
     ref_model = None
     if args.kl_coef > 0 and args.mode != "sft":  # the frozen reference exists only when it is used
         ref_model = load_model(args.model or DEFAULT_MODEL, device=device).eval().requires_grad_(False)
+    parts = mode_parts(args.mode)
+    scorer = load_critic(args, rank, world) if "critic" in parts else None
+    head = None
+    if "clipo" in parts:
+        head = clipo.ClipoModule(model.config.get_text_config().hidden_size, dim=args.clipo_dim, kind=args.clipo_kind,
+                                 temperature=args.clipo_tau, lam=args.clipo_lambda, floor=args.clipo_floor,
+                                 lr=args.clipo_lr, device=device)
+    extra = state["extra"] if args.resume else {}
+    if scorer is not None and "critic" in extra:
+        scorer.load_state_dict(extra["critic"])
+    if head is not None and "clipo" in extra:
+        head.load_state_dict(extra["clipo"])
     bf16 = args.bf16 and device.type == "cuda"
     ctx = {"rank": rank, "world": world, "device": device, "tokenizer": tokenizer, "model": model,
            "train_model": train_model, "optimizer": optimizer, "ref_model": ref_model, "style": args.prompt,
-           "max_new_tokens": args.max_new_tokens or default_max_new_tokens(args.prompt), "exclude": heldout_keys(),
+           "critic": scorer, "clipo": head,
+           "max_new_tokens": args.max_new_tokens or default_max_new_tokens(args.prompt), "exclude": heldout_keys(args),
            "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)}
-    heldout = countdown.heldout_problems(args.eval_problems, tokens=tuple(args.search_tokens))
+    heldout = countdown.heldout_problems(args.eval_problems, args.preset)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         truncate_metrics(args.out, start)
@@ -413,18 +486,22 @@ def run(args, rank, world, device):
         torch.manual_seed(seed_for(args.seed, "torch", step, rank))
         row = {"step": step + 1, "lr": lr, **step_fn(args, step, ctx)}
         done = step + 1 == args.steps
-        if rank == 0 and ((step + 1) % args.eval_every == 0 or done):
+        if (step + 1) % args.eval_every == 0 or done:  # every process evaluates its share
             if device.type == "cpu":
                 cpu_threads(world, "decode")
-            metrics = evaluate(model, tokenizer, heldout, style=args.prompt, max_new_tokens=ctx["max_new_tokens"])
-            row["heldout/success_rate"] = metrics["success_rate"]
+            share = heldout[rank::world]
+            metrics = evaluate(model, tokenizer, share, style=args.prompt, max_new_tokens=ctx["max_new_tokens"])
+            solved, total = all_reduce([metrics["success_rate"] * len(share), len(share)], world)
+            row["heldout/success_rate"] = solved / total
         if rank == 0:
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix({k: round(row[k], 3) for k in ("loss", "reward_mean", "success_rate",
                                                           "heldout/success_rate") if k in row})
             if (step + 1) % args.save_every == 0 or done or stop.requested:
-                save_checkpoint(args.out, model, tokenizer, optimizer, step + 1, finished=done)
+                extra = {"critic": scorer.state_dict() if scorer else None, "clipo": head.state_dict() if head else None}
+                save_checkpoint(args.out, model, tokenizer, optimizer, step + 1, finished=done,
+                                extra={k: v for k, v in extra.items() if v is not None})
         if stop.requested:
             break
     bar.close()
@@ -433,8 +510,29 @@ def run(args, rank, world, device):
     return stop.requested
 
 
+def _worker(local_rank, argv, procs, port):
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(procs),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    main(argv)
+
+
+def launch(argv, procs):
+    """Start `procs` copies of this run on this machine, as torchrun would (gloo on CPU)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers, which save and exit
+    torch.multiprocessing.spawn(_worker, args=(argv, procs, port), nprocs=procs, join=True)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    procs = args.procs or (1 if torch.cuda.is_available() else os.cpu_count() or 1)
+    if "RANK" not in os.environ and procs > 1:
+        check_args(args, procs)
+        return launch(argv, procs)
     rank, world, device = setup_distributed()
     check_args(args, world)
     if args.mode != "sft" and not args.model and not warm_start_ready():

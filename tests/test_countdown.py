@@ -256,7 +256,7 @@ def test_extract_states_hand_case():
     assert [s for _, s in states] == [[37, 17, 26], [80], [5, 6], [46]]
     assert [text[o] for o, _ in states] == ["]", "0", "]", "6"]
     assert states[0][0] == text.index("26]") + 2
-    compact = "12+3=15 [15,7]\n15-7=8\n 1+2=3\n15*7=105 x\n7/1=7 [7,\n<Solution>\n12 + 3 = 15\n</Solution>"
+    compact = "12+3=15 [15,7]\n15-7=8|8\n 1+2=3|3\n15*7=105 x\n7/1=7 [7,\n<Solution>\n12 + 3 = 15\n</Solution>"
     states = countdown.extract_states(compact)
     assert [s for _, s in states] == [[15, 7], [8]]
     assert [o for o, _ in states] == [compact.index("7]") + 1, compact.index("=8") + 1]
@@ -272,10 +272,21 @@ def test_compact_trace_is_the_same_search():
         # the same states in the same order: LongProc's "Current number set" / "Evaluate" lines
         assert [s for _, s in countdown.extract_states(long)] == [s for _, s in countdown.extract_states(compact)]
     text = countdown.search_trace([21, 16, 17, 26], 46, style="compact")
-    assert text.startswith("21+16=37 [37,17,26]\n37+17=54 [54,26]\n54+26=80\n54-26=28\n54*26=1404\n")
-    assert text.endswith("26+20=46\n<Solution>\n21 + 16 = 37\n37 - 17 = 20\n26 + 20 = 46\n</Solution>\n")
+    assert text.startswith("21+16=37 [37,17,26]\n37+17=54 [54,26]\n54+26=80|46\n54-26=28|46\n54*26=1404|46\n")
+    assert text.endswith("26+20=46|46\n<Solution>\n21 + 16 = 37\n37 - 17 = 20\n26 + 20 = 46\n</Solution>\n")
     with pytest.raises(ValueError, match="style"):
         countdown.search_trace([1, 2], 3, style="short")
+
+
+def test_search_states_and_their_reached_values():
+    states = countdown.search_states([21, 16, 17, 26], 46)
+    assert states == [((37, 17, 26), {28, 46, 80, 1404}), ((54, 26), {28, 80, 1404}), ((80,), {80}), ((28,), {28}),
+                      ((1404,), {1404}), ((20, 26), {46}), ((46,), {46})]
+    rng = random.Random(5)
+    for _ in range(100):  # every reached value is truly reachable (the oracle agrees)
+        p = countdown.random_problem(rng)
+        for numbers, reached in countdown.search_states(*p):
+            assert reached and reached <= countdown.reachable_values(tuple(sorted(numbers)))
 
 
 def test_extract_states_on_longproc(longproc):

@@ -1,0 +1,92 @@
+"""rewards.py: state values, sequence and process credit, character offsets -> token positions,
+checked on hand-computed cases."""
+import torch
+
+import countdown
+import rewards
+from grpo import group_advantages
+from model import TinyTokenizer, token_end_offsets
+
+P = countdown.Problem((21, 16, 17, 26), 46)
+TRACE = countdown.search_trace(*P, style="compact")
+
+
+def test_token_end_offsets_tiny_tokenizer_with_reversed_digits():
+    tok = TinyTokenizer()
+    text = "Numbers: [21, 16]\n54+26=80\n<Solution>"
+    ids = tok.encode(text) + [tok.eos_token_id]
+    ends = token_end_offsets(tok, ids)
+    # "Numbers: " is one token of 9 characters; every other piece is one character; EOS writes none
+    assert ends[:3] == [9, 10, 11] and ends[-1] == ends[-2] == len(text)
+    assert len(ends) == len(ids) and ends == sorted(ends)
+    # the token that finishes writing "80" is the one holding its most significant digit ("8"),
+    # which the tokenizer emits last: digits go least significant first
+    last_digit = text.index("80") + 1
+    k = next(j for j, e in enumerate(ends) if e > last_digit)
+    assert tok.pieces[ids[k]] == "8" and tok.pieces[ids[k - 1]] == "0"
+
+
+class _Splitting:
+    """A tokenizer whose single tokens do not decode alone (like byte-level BPE halves of a
+    character): token_end_offsets must notice and fall back to prefix decoding."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = "".join("é" if i == 1 else "x" for i in ids)
+        return text.replace("éé", "É") if len(ids) > 1 else text
+
+
+def test_token_end_offsets_falls_back_when_pieces_do_not_add_up():
+    assert token_end_offsets(_Splitting(), [0, 1, 1, 0]) == [1, 2, 2, 3]
+
+
+def test_state_values_oracle_and_sequence_credit():
+    values = rewards.state_values([P], [TRACE])[0]
+    # states: [37,17,26] yes, [54,26] no, 80 28 1404 no, [20,26] yes, 46 yes
+    assert [v for _, v in values] == [1, 0, 0, 0, 0, 1, 1]
+    assert [TRACE[o] for o, _ in values] == ["]", "]", "0", "8", "4", "]", "6"]
+    assert [TRACE[o + 1] for o, _ in values] == ["\n", "\n", "|", "|", "|", "\n", "|"]
+    bonus = rewards.sequence_credit([values, []])
+    assert torch.allclose(bonus, torch.tensor([3 / 7, 0.0]))
+
+
+def test_process_credit_puts_values_on_the_finishing_tokens():
+    tok = TinyTokenizer()
+    ids = tok.encode(TRACE) + [tok.eos_token_id]
+    values = rewards.state_values([P], [TRACE])
+    steps, mask = rewards.process_credit(values, [TRACE], [ids], tok, len(ids) + 3)
+    positions = mask[0].nonzero().squeeze(-1).tolist()
+    assert len(positions) == 7 and steps[0, positions].tolist() == [1, 0, 0, 0, 0, 1, 1]
+    # by hand: the first state ends at "]" of "21+16=37 [37,17,26]", the 19th character
+    assert positions[0] == 18 and tok.pieces[ids[18]] == "]"
+    assert tok.pieces[ids[positions[-1]]] == "4"  # "46" finishes with its tens digit (written last)
+
+
+def test_process_advantages_by_hand():
+    """Two rollouts, group of 2; outcome 1 and 0; steps (t=1: 1.0), (t=3: 0.0) and (t=2: 0.5)."""
+    outcome = torch.tensor([1.0, 0.0])
+    steps = torch.zeros(2, 5)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    steps[0, 1], steps[0, 3], steps[1, 2] = 1.0, 0.0, 0.5
+    mask[0, 1] = mask[0, 3] = mask[1, 2] = True
+    adv = group_advantages(outcome, 2, step_rewards=steps, step_mask=mask, step_weight=0.5)
+    a = 0.5 / ((0.5 ** 2 * 2) ** 0.5 + 1e-6)  # outcome: (1 - 0.5) / unbiased std of (1, 0)
+    s = 0.5  # steps 1.0, 0.0, 0.5: mean 0.5, unbiased std 0.5
+    n1, n2, n3 = (1.0 - 0.5) / (s + 1e-6), (0.0 - 0.5) / (s + 1e-6), (0.5 - 0.5) / (s + 1e-6)
+    expected = torch.tensor([[a + 0.5 * (n1 + n2)] * 2 + [a + 0.5 * n2] * 2 + [a],
+                             [-a + 0.5 * n3] * 3 + [-a] * 2])
+    assert torch.allclose(adv, expected, atol=1e-5)
+
+
+class _FakeCritic:
+    """Scores 5 for the target 46 from any state holding 46 or 20 (say), 0 otherwise."""
+
+    def score(self, states, targets):
+        return torch.tensor([5.0 if t == 46 and ({46, 20} & set(s)) else 0.0 for s, t in zip(states, targets)])
+
+
+def test_critic_values_are_a_softmax_against_the_target_bank():
+    values = rewards.state_values([P], [TRACE], _FakeCritic())[0]
+    bank = len(rewards.TARGET_BANK)
+    high = torch.tensor([5.0] + [0.0] * (bank - 1)).softmax(0)[0].item()
+    low = 1 / bank
+    assert [round(v, 6) for _, v in values] == [round(x, 6) for x in [low, low, low, low, low, high, high]]

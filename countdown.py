@@ -12,7 +12,6 @@ this file imports nothing of ours.
 """
 import functools
 import json
-import math
 import random
 import re
 from fractions import Fraction

@@ -141,3 +141,20 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask=None, *, e
     if response_mask is not None:
         logp = logp * response_mask
     return LogProbs(logp, ent, out.hidden_states[-1].float() if hidden else None)
+
+
+def pack_rollouts(prompts, responses, pad_id, device):
+    """Rows [left pad | prompt | response | right pad] for responses to prompts[i // G].
+    Returns input_ids, attention_mask, response_mask (float), and the first response column."""
+    group = len(responses) // len(prompts)
+    width_p, width_r = max(map(len, prompts)), max(1, max(map(len, responses)))
+    ids = torch.full((len(responses), width_p + width_r), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros(ids.shape)
+    for i, r in enumerate(responses):
+        p = prompts[i // group]
+        ids[i, width_p - len(p):width_p] = torch.tensor(p)
+        ids[i, width_p:width_p + len(r)] = torch.tensor(r, dtype=torch.long)
+        attention[i, width_p - len(p):width_p + len(r)] = 1
+        response[i, width_p:width_p + len(r)] = 1
+    return ids.to(device), attention.to(device), response.to(device), width_p

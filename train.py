@@ -31,6 +31,8 @@ import countdown
 import critic
 import grpo
 import rewards
+import sft
+from distributed import all_reduce, cpu_threads, launch, seed_for, setup_distributed
 from eval import default_max_new_tokens, default_style, evaluate
 from model import (TinyTokenizer, check_model_path, encode_prompt, load_model, load_tokenizer, new_tiny_model,
                    save_model)
@@ -61,7 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="run directory (default runs/<mode>)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, help="optimizer steps (default: 1500 SFT, 200 RL)")
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: 1000 SFT, 200 RL)")
     ap.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 SFT, 2e-4 RL)")
     ap.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine to 10%%")
     ap.add_argument("--weight-decay", type=float, default=0.0)
@@ -111,7 +113,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     sft = args.mode == "sft"
     args.out = args.out or (os.path.dirname(DEFAULT_MODEL) if sft else os.path.join("runs", args.mode.replace("+", "-")))
-    args.steps = args.steps or (1500 if sft else 200)
+    args.steps = args.steps or (1000 if sft else 200)
     args.lr = args.lr or (3e-3 if sft else 2e-4)
     args.eval_every = args.eval_every or (250 if sft else 25)
     return args
@@ -151,47 +153,6 @@ def check_args(args, world):
 
 def mode_parts(mode):
     return set(mode.split("+"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes, threads, randomness
-
-def setup_distributed():
-    """(rank, world, device). Single process when not launched by torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def cpu_threads(world, phase):
-    """Threads for a phase on CPU. Measured on 2-core VMs (bench/threads.py): training matmuls
-    gain from both cores, a tiny model's decode steps do not; processes share the cores."""
-    cores = max(1, (os.cpu_count() or 1) // world)
-    torch.set_num_threads(1 if phase == "decode" else cores)
-
-
-def seed_for(*parts):
-    """A 63-bit seed that depends on every part (stable across runs and machines)."""
-    h = 1469598103934665603
-    for p in parts:
-        for byte in str(p).encode() + b"|":
-            h = ((h ^ byte) * 1099511628211) % (1 << 64)
-    return h >> 1
-
-
-def all_reduce(values, world, op="sum"):
-    """Sum (or max) a list of floats over processes, in one collective."""
-    if world == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,23 +204,6 @@ def learning_rate(args, step):
 # ---------------------------------------------------------------------------------------------
 # Batches
 
-def pack(prompts, responses, pad_id, device):
-    """Rows [left pad | prompt | response | right pad] for responses to prompts[i // G].
-    Returns input_ids, attention_mask, response_mask (float), and the first response column."""
-    group = len(responses) // len(prompts)
-    width_p, width_r = max(map(len, prompts)), max(1, max(map(len, responses)))
-    ids = torch.full((len(responses), width_p + width_r), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    response = torch.zeros(ids.shape)
-    for i, r in enumerate(responses):
-        p = prompts[i // group]
-        ids[i, width_p - len(p):width_p] = torch.tensor(p)
-        ids[i, width_p:width_p + len(r)] = torch.tensor(r, dtype=torch.long)
-        attention[i, width_p - len(p):width_p + len(r)] = 1
-        response[i, width_p:width_p + len(r)] = 1
-    return ids.to(device), attention.to(device), response.to(device), width_p
-
-
 def heldout_keys(args):
     """Problems training must never see: the held-out stream's and LongProc's test split."""
     keys = {countdown.problem_key(*p) for p in countdown.heldout_problems(1000, args.preset)}
@@ -269,46 +213,8 @@ def heldout_keys(args):
     return keys
 
 
-def sft_pool(args, pool_index, rank, world, tokenizer, exclude):
-    """Four batches of this rank's SFT examples (prompt ids, completion ids), sorted by length so
-    each batch pads little; a pure function of (seed, pool_index, rank)."""
-    rng = random.Random(seed_for(args.seed, "sft", pool_index, rank))
-    per_rank = args.batch_size // world
-    pool = []
-    for _ in range(4 * per_rank):
-        p = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS[args.preset])
-        style = "compact" if args.prompt == "bare" else "longproc"
-        pool.append((encode_prompt(tokenizer, countdown.prompt(p, args.prompt), chat=args.prompt == "longproc"),
-                     tokenizer.encode(countdown.search_trace(*p, style=style)) + [tokenizer.eos_token_id]))
-    pool.sort(key=lambda x: len(x[0]) + len(x[1]))
-    batches = [pool[k * per_rank:(k + 1) * per_rank] for k in range(4)]
-    random.Random(seed_for(args.seed, "order", pool_index)).shuffle(batches)
-    return batches
-
-
 # ---------------------------------------------------------------------------------------------
-# The two kinds of step
-
-def sft_step(args, step, ctx):
-    """One supervised step on this rank's slice of the batch: cross-entropy of the completions."""
-    pool_index, part = divmod(step, 4)
-    if ctx.get("pool_index") != pool_index:
-        ctx["pool"], ctx["pool_index"] = sft_pool(args, pool_index, ctx["rank"], ctx["world"], ctx["tokenizer"],
-                                                  ctx["exclude"]), pool_index
-    batch = ctx["pool"][part]
-    t0 = time.perf_counter()
-    ids, attention, response, _ = pack([b[0] for b in batch], [b[1] for b in batch], ctx["tokenizer"].pad_token_id,
-                                       ctx["device"])
-    with ctx["autocast"]():
-        out = grpo.sequence_logprobs(ctx["train_model"], ids, attention, response)
-    loss = -out.logp.sum() / response.sum()
-    ctx["optimizer"].zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(ctx["model"].parameters(), args.grad_clip)
-    ctx["optimizer"].step()
-    (total,) = all_reduce([loss.item()], ctx["world"])
-    return {"loss": total / ctx["world"], "time_train": time.perf_counter() - t0}
-
+# The RL step
 
 def rl_step(args, step, ctx):
     """Draw prompts, roll out G per prompt, score (outcome + the mode's terms), and take
@@ -333,7 +239,7 @@ def rl_step(args, step, ctx):
     if device.type == "cpu":
         cpu_threads(world, "train")
     t1 = time.perf_counter()
-    ids, attention, response, start = pack(prompts, rollouts.tokens, tok.pad_token_id, device)
+    ids, attention, response, start = grpo.pack_rollouts(prompts, rollouts.tokens, tok.pad_token_id, device)
     with torch.no_grad(), ctx["autocast"]():
         old = grpo.sequence_logprobs(model, ids, attention, response, entropy=True, hidden="clipo" in parts)
         ref = grpo.sequence_logprobs(ctx["ref_model"], ids, attention, response) if ctx["ref_model"] else None
@@ -473,7 +379,7 @@ def run(args, rank, world, device):
         truncate_metrics(args.out, start)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-    step_fn = sft_step if args.mode == "sft" else rl_step
+    step_fn = sft.sft_step if args.mode == "sft" else rl_step
     stop = StopRequest()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode, disable=rank != 0)
     step = start
@@ -510,29 +416,13 @@ def run(args, rank, world, device):
     return stop.requested
 
 
-def _worker(local_rank, argv, procs, port):
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(procs),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    main(argv)
-
-
-def launch(argv, procs):
-    """Start `procs` copies of this run on this machine, as torchrun would (gloo on CPU)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers, which save and exit
-    torch.multiprocessing.spawn(_worker, args=(argv, procs, port), nprocs=procs, join=True)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     procs = args.procs or (1 if torch.cuda.is_available() else os.cpu_count() or 1)
     if "RANK" not in os.environ and procs > 1:
         check_args(args, procs)
-        return launch(argv, procs)
+        return launch(main, argv, procs)
     rank, world, device = setup_distributed()
     check_args(args, world)
     if args.mode != "sft" and not args.model and not warm_start_ready():

@@ -1,6 +1,5 @@
 """countdown.py against LongProc's reference outputs, brute force and independent references."""
 import ast
-import json
 import random
 import re
 from fractions import Fraction

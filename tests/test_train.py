@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import critic
 import train
 from model import TinyTokenizer, new_tiny_model, save_model
 
@@ -32,14 +33,17 @@ train.main(sys.argv[1:])
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
+    torch.manual_seed(0)
+    critic.save(critic.Critic(), str(root / "critic.safetensors"))  # untrained: enough to test the plumbing
     (root / "runner.py").write_text(RUNNER)
     return root
 
 
-def _args(setup, out, steps, *extra):
-    return [str(setup / "runner.py"), "--mode", "grpo", "--model", str(setup / "model"), "--out", str(out),
+def _args(setup, out, steps, *extra, mode="grpo"):
+    return [str(setup / "runner.py"), "--mode", mode, "--model", str(setup / "model"), "--out", str(out),
             "--steps", str(steps), "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "40",
-            "--minibatches", "2", "--eval-every", "2", "--eval-problems", "4", "--lr", "1e-3", "--seed", "3", *extra]
+            "--minibatches", "2", "--eval-every", "2", "--eval-problems", "4", "--lr", "1e-3", "--seed", "3",
+            "--procs", "1", *extra]
 
 
 def _run(cmd, **kw):
@@ -52,6 +56,10 @@ def _metrics(out):
         return [json.loads(line) for line in f]
 
 
+def _untimed(row):
+    return {k: v for k, v in row.items() if k not in TIMING}
+
+
 def _weights(out):
     return load_file(os.path.join(out, "model", "model.safetensors"))
 
@@ -62,8 +70,11 @@ def test_two_processes_equal_one(setup):
     double = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
                   + _args(setup, setup / "double", 2))
     assert double.returncode == 0, double.stderr[-2000:]
+    spawned = _run([sys.executable] + _args(setup, setup / "spawned", 2)[:-2] + ["--procs", "2"])  # no torchrun
+    assert spawned.returncode == 0, spawned.stderr[-2000:]
     a, b = _metrics(setup / "single"), _metrics(setup / "double")
     assert len(a) == len(b) == 2
+    assert [_untimed(r) for r in _metrics(setup / "spawned")] == [_untimed(r) for r in b]
     for row_a, row_b in zip(a, b):
         assert row_a["reward_mean"] == row_b["reward_mean"] and row_a["zero_adv_frac"] < 1
         for key in row_a.keys() - TIMING:
@@ -75,11 +86,20 @@ def test_two_processes_equal_one(setup):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
-def test_ctrl_c_saves_and_resume_is_exact(setup):
-    full = _run([sys.executable] + _args(setup, setup / "full", 4))
+@pytest.mark.parametrize("mode,extra", [
+    ("grpo", ()),
+    ("clipo+oracle", ("--critic-credit", "process", "--clipo-warmup", "1")),
+    ("critic", ("--critic-credit", "sequence")),
+])
+def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
+    """For clipo, the head and its optimizer must come back too (their bonus feeds the rewards);
+    for critic, its weights."""
+    if mode == "critic":
+        extra = extra + ("--critic", str(setup / "critic.safetensors"))
+    full = _run([sys.executable] + _args(setup, setup / f"full-{mode}", 4, *extra, mode=mode))
     assert full.returncode == 0, full.stderr[-2000:]
-    out = setup / "stopped"
-    proc = subprocess.Popen([sys.executable] + _args(setup, out, 4), cwd=ROOT, stdout=subprocess.PIPE,
+    out = setup / f"stopped-{mode}"
+    proc = subprocess.Popen([sys.executable] + _args(setup, out, 4, *extra, mode=mode), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
@@ -90,14 +110,17 @@ def test_ctrl_c_saves_and_resume_is_exact(setup):
     assert "Ctrl-C" in err
     stopped_at = len(_metrics(out))
     assert 1 <= stopped_at < 4
-    assert torch.load(out / "model" / "trainer_state.pt", weights_only=True)["step"] == stopped_at
-    again = _run([sys.executable] + _args(setup, out, 4, "--resume"))
+    state = torch.load(out / "model" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == stopped_at and set(state["extra"]) == {"clipo", "critic"} & set(mode.split("+"))
+    again = _run([sys.executable] + _args(setup, out, 4, *extra, "--resume", mode=mode))
     assert again.returncode == 0, again.stderr[-2000:]
-    resumed, reference = _metrics(out), _metrics(setup / "full")
+    resumed, reference = _metrics(out), _metrics(setup / f"full-{mode}")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    if "clipo" in mode:
+        assert all("clipo/valid_frac" in r for r in resumed)
     for row_a, row_b in zip(resumed, reference):
-        assert {k: v for k, v in row_a.items() if k not in TIMING} == {k: v for k, v in row_b.items() if k not in TIMING}
-    wa, wb = _weights(out), _weights(setup / "full")
+        assert _untimed(row_a) == _untimed(row_b)
+    wa, wb = _weights(out), _weights(setup / f"full-{mode}")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -150,7 +173,7 @@ def test_real_model_path_with_chat_template(tmp_path):
     out = tmp_path / "run"
     result = _run([sys.executable, "train.py", "--mode", "grpo", "--model", str(tmp_path / "llm"), "--prompt",
                    "longproc", "--out", str(out), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
-                   "--max-new-tokens", "8", "--minibatches", "1", "--eval-problems", "2"])
+                   "--max-new-tokens", "8", "--minibatches", "1", "--eval-problems", "2", "--procs", "1"])
     assert result.returncode == 0, result.stderr[-2000:]
     row = _metrics(out)[0]
     assert row["response_length_max"] == 8 and row["success_rate"] == 0

@@ -13,8 +13,8 @@ place; transformers' default cache re-allocates itself every step). Rows that fi
 stop string) leave the batch once a quarter of it has finished, so compute is not spent on
 them; leaving copies the cache, hence the batching.
 
-On CPU, decode a small model with ONE thread: torch's default of two made a tiny model's decode
-step up to ~12x slower on our 2-core machines (thread wake-ups dominate small ops).
+Threads on CPU: bench/threads.py measures decode steps and training steps on 1 and 2 threads
+(on our 2-core VMs, 2 threads were 1.05-1.4x faster at decoding; see distributed.cpu_threads).
 Imports: torch, transformers. Nothing of ours.
 """
 from dataclasses import dataclass

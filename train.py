@@ -171,6 +171,11 @@ def save_checkpoint(run_dir, model, tokenizer, optimizer, step, finished=False, 
     shutil.rmtree(final + ".old", ignore_errors=True)
 
 
+def append_metrics(run_dir, row):
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def truncate_metrics(run_dir, step):
     """On resume: drop the lines a stopped run wrote after its last checkpoint."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -230,14 +235,10 @@ def rl_step(args, step, ctx):
                   for i in range(per_rank)]
 
     t0 = time.perf_counter()
-    if device.type == "cpu":
-        cpu_threads(world, "decode")
     with ctx["autocast"]():
         rollouts = sample(model, prompts, ctx["max_new_tokens"], temperature=args.temperature, top_p=args.top_p,
                           num_samples=group, eos_token_id=tok.eos_token_id, stop="</Solution>", tokenizer=tok,
                           generator=generators, pad_token_id=tok.pad_token_id)
-    if device.type == "cpu":
-        cpu_threads(world, "train")
     t1 = time.perf_counter()
     ids, attention, response, start = grpo.pack_rollouts(prompts, rollouts.tokens, tok.pad_token_id, device)
     with torch.no_grad(), ctx["autocast"]():
@@ -318,6 +319,14 @@ def rl_step(args, step, ctx):
 # ---------------------------------------------------------------------------------------------
 # The loop
 
+def heldout_success(args, ctx, heldout):
+    """Greedy success on the held-out problems; every process evaluates its share."""
+    share = heldout[ctx["rank"]::ctx["world"]]
+    metrics = evaluate(ctx["model"], ctx["tokenizer"], share, style=args.prompt, max_new_tokens=ctx["max_new_tokens"])
+    solved, total = all_reduce([metrics["success_rate"] * len(share), len(share)], ctx["world"])
+    return solved / total
+
+
 def load_critic(args, rank, world):
     """The critic of --critic; when the file is absent, rank 0 trains one first (5 minutes)."""
     if not os.path.exists(args.critic):
@@ -336,6 +345,8 @@ def warm_start_ready():
 
 
 def run(args, rank, world, device):
+    if device.type == "cpu":
+        cpu_threads(world)
     resume = os.path.join(args.out, "model")
     source = resume if args.resume else (args.model or (None if args.mode == "sft" else DEFAULT_MODEL))
     tokenizer = load_tokenizer(source) if source else TinyTokenizer()
@@ -359,6 +370,7 @@ def run(args, rank, world, device):
     scorer = load_critic(args, rank, world) if "critic" in parts else None
     head = None
     if "clipo" in parts:
+        torch.manual_seed(seed_for(args.seed, "clipo-init"))
         head = clipo.ClipoModule(model.config.get_text_config().hidden_size, dim=args.clipo_dim, kind=args.clipo_kind,
                                  temperature=args.clipo_tau, lam=args.clipo_lambda, floor=args.clipo_floor,
                                  lr=args.clipo_lr, device=device)
@@ -380,6 +392,10 @@ def run(args, rank, world, device):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
     step_fn = sft.sft_step if args.mode == "sft" else rl_step
+    if start == 0 and args.mode != "sft":  # where RL starts from: step 0 of the curves
+        row = {"step": 0, "heldout/success_rate": heldout_success(args, ctx, heldout)}
+        if rank == 0:
+            append_metrics(args.out, row)
     stop = StopRequest()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode, disable=rank != 0)
     step = start
@@ -387,21 +403,13 @@ def run(args, rank, world, device):
         lr = learning_rate(args, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if device.type == "cpu":
-            cpu_threads(world, "train")
         torch.manual_seed(seed_for(args.seed, "torch", step, rank))
         row = {"step": step + 1, "lr": lr, **step_fn(args, step, ctx)}
         done = step + 1 == args.steps
-        if (step + 1) % args.eval_every == 0 or done:  # every process evaluates its share
-            if device.type == "cpu":
-                cpu_threads(world, "decode")
-            share = heldout[rank::world]
-            metrics = evaluate(model, tokenizer, share, style=args.prompt, max_new_tokens=ctx["max_new_tokens"])
-            solved, total = all_reduce([metrics["success_rate"] * len(share), len(share)], world)
-            row["heldout/success_rate"] = solved / total
+        if (step + 1) % args.eval_every == 0 or done:
+            row["heldout/success_rate"] = heldout_success(args, ctx, heldout)
         if rank == 0:
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(args.out, row)
             bar.set_postfix({k: round(row[k], 3) for k in ("loss", "reward_mean", "success_rate",
                                                           "heldout/success_rate") if k in row})
             if (step + 1) % args.save_every == 0 or done or stop.requested:

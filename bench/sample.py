@@ -85,8 +85,9 @@ def main():
     p = prompts_of(8, 24, 2)
     eos = 7
 
-    def grpo_batch():
-        return sample.sample(lm, p, 256, num_samples=8, eos_token_id=eos, generator=torch.Generator().manual_seed(4))
+    def grpo_batch():  # one generator per prompt: the samples do not depend on the batch's shape
+        gens = [torch.Generator().manual_seed(4 + i) for i in range(len(p))]
+        return sample.sample(lm, p, 256, num_samples=8, eos_token_id=eos, generator=gens)
     shrink, ro = best_of(args.repeats, grpo_batch)
     keep_fraction, sample.LEAVE_FRACTION = sample.LEAVE_FRACTION, 2.0  # rows never leave
     keep, ro_kept = best_of(args.repeats, grpo_batch)

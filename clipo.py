@@ -32,8 +32,15 @@ class ContrastiveHead(nn.Module):
         self.proj = nn.Linear(hidden_size, dim, bias=False)
 
     def forward(self, hidden, response_mask):
+        return self.project(self.pool(hidden, response_mask))
+
+    @staticmethod
+    def pool(hidden, response_mask):
+        """[N, T, H] -> [N, H]: mean over response tokens, in fp32 (a bf16 running sum drifts)."""
         m = response_mask.float().unsqueeze(-1)
-        pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
+        return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def project(self, pooled):
         return F.normalize(self.proj.float()(pooled), dim=-1)
 
 
@@ -102,8 +109,10 @@ class ClipoModule:
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.01)
         self.kind, self.temperature, self.lam, self.floor = kind, temperature, lam, floor
 
-    def step(self, hidden, response_mask, correct, group_size, generator=None, world=1):
-        z = self.head(hidden.detach(), response_mask)
+    def step(self, pooled, correct, group_size, generator=None, world=1):
+        """pooled: ContrastiveHead.pool of the rollouts' hidden states [N, H] (computed in
+        chunks by the caller, from the forward that gave the old log-probs)."""
+        z = self.head.project(pooled.detach())
         loss, valid = contrastive_loss(z, correct, group_size, temperature=self.temperature, kind=self.kind,
                                        generator=generator)
         count = valid.sum().float()

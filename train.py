@@ -16,11 +16,9 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,13 +28,12 @@ import clipo
 import countdown
 import critic
 import grpo
-import rewards
+import rl
 import sft
 from distributed import all_reduce, cpu_threads, launch, seed_for, setup_distributed
 from eval import default_max_new_tokens, default_style, evaluate
-from model import (TinyTokenizer, check_model_path, encode_prompt, load_model, load_tokenizer, new_tiny_model,
+from model import (TinyTokenizer, check_model_path, load_model, load_tokenizer, new_tiny_model,
                    save_model)
-from sample import sample
 
 MODES = ("sft", "grpo", "critic", "oracle", "clipo")  # RL modes combine with "+", e.g. clipo+critic
 DEFAULT_MODEL = os.path.join("runs", "tiny-sft", "model")
@@ -51,7 +48,14 @@ METRICS = {  # what each line of metrics.jsonl holds
     "clip_frac": "fraction of tokens whose ratio was clipped", "entropy": "mean token entropy of the rollouts",
     "response_length_mean": "mean rollout length (tokens)", "response_length_max": "longest rollout (tokens)",
     "tokens_per_s": "sampled tokens per second (all ranks)",
-    "time_sample": "seconds sampling", "time_reward": "seconds scoring", "time_train": "seconds in forward/backward",
+    "time_sample": "seconds sampling", "time_reward": "seconds scoring (decode, verify, the mode's reward terms)",
+    "time_train": "seconds in forward/backward passes (the old-log-prob pass and the updates)",
+    "critic/bonus_mean": "sequence credit: mean state value (critic or oracle) per rollout",
+    "critic/states_per_rollout": "states the critic or oracle scored per rollout",
+    "clipo/valid_frac": "fraction of rollouts that are valid CLIPO anchors",
+    "clipo/bonus_mean": "mean CLIPO reward over valid anchors", "clipo/head_loss": "the head's contrastive loss",
+    "clipo/pos_cos": "mean cosine between two correct rollouts of a group",
+    "clipo/neg_cos": "mean cosine between a correct and an incorrect rollout of a group",
     "heldout/success_rate": "greedy success on held-out problems (every --eval-every steps)",
 }
 
@@ -84,6 +88,7 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--minibatches", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=16, help="rows per forward (sorted by length)")
     ap.add_argument("--clip-low", type=float, default=0.2)
     ap.add_argument("--clip-high", type=float, default=0.28)
     ap.add_argument("--ratio", choices=grpo.RATIOS, default="token")
@@ -219,104 +224,6 @@ def heldout_keys(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# The RL step
-
-def rl_step(args, step, ctx):
-    """Draw prompts, roll out G per prompt, score (outcome + the mode's terms), and take
-    PPO-clipped updates."""
-    rank, world, device, tok, model = ctx["rank"], ctx["world"], ctx["device"], ctx["tokenizer"], ctx["model"]
-    parts, per_rank, group = mode_parts(args.mode), args.prompts_per_step // world, args.group_size
-    rng = random.Random(seed_for(args.seed, "prompts", step))  # the same global list on every rank
-    problems = [countdown.random_problem(rng, exclude=ctx["exclude"], **countdown.PRESETS[args.preset])
-                for _ in range(args.prompts_per_step)][rank * per_rank:(rank + 1) * per_rank]
-    prompts = [encode_prompt(tok, countdown.prompt(p, ctx["style"]), chat=ctx["style"] == "longproc") for p in problems]
-    # one generator per prompt: a rollout does not depend on which process or batch drew it
-    generators = [torch.Generator(device).manual_seed(seed_for(args.seed, "sample", step, rank * per_rank + i))
-                  for i in range(per_rank)]
-
-    t0 = time.perf_counter()
-    with ctx["autocast"]():
-        rollouts = sample(model, prompts, ctx["max_new_tokens"], temperature=args.temperature, top_p=args.top_p,
-                          num_samples=group, eos_token_id=tok.eos_token_id, stop="</Solution>", tokenizer=tok,
-                          generator=generators, pad_token_id=tok.pad_token_id)
-    t1 = time.perf_counter()
-    ids, attention, response, start = grpo.pack_rollouts(prompts, rollouts.tokens, tok.pad_token_id, device)
-    with torch.no_grad(), ctx["autocast"]():
-        old = grpo.sequence_logprobs(model, ids, attention, response, entropy=True, hidden="clipo" in parts)
-        ref = grpo.sequence_logprobs(ctx["ref_model"], ids, attention, response) if ctx["ref_model"] else None
-    texts = [tok.decode(t, skip_special_tokens=True) for t in rollouts.tokens]
-    owners = [problems[i // group] for i in range(len(texts))]
-    correct, formatted = rewards.outcome(owners, texts)
-    total = correct + args.format_reward * formatted
-    extra, step_rewards, step_mask = {}, None, None
-    if parts & {"critic", "oracle"}:
-        values = rewards.state_values(owners, texts, ctx["critic"])
-        if args.critic_credit == "sequence":
-            bonus = rewards.sequence_credit(values)
-            total = total + args.critic_coef * bonus
-            extra["critic/bonus_mean"] = bonus.mean().item()
-        else:
-            steps, mask = rewards.process_credit(values, texts, rollouts.tokens, tok, ids.shape[1] - start)
-            step_rewards = torch.nn.functional.pad(steps, (start, 0)).to(device)
-            step_mask = torch.nn.functional.pad(mask, (start, 0)).to(device)
-        extra["critic/states_per_rollout"] = sum(len(v) for v in values) / len(values)
-    if "clipo" in parts:
-        generator = torch.Generator(device).manual_seed(seed_for(args.seed, "clipo", step, rank))
-        bonus, stats = ctx["clipo"].step(old.hidden, response, correct.to(device), group, generator, world)
-        if step >= args.clipo_warmup:
-            total = total + bonus.cpu()
-        extra.update({k: v.item() for k, v in stats.items()})
-    advantages = grpo.group_advantages(total.to(device), group, scale=not args.no_scale_adv, step_rewards=step_rewards,
-                                       step_mask=step_mask, step_weight=args.critic_coef)
-    t2 = time.perf_counter()
-
-    minibatches = [torch.tensor([i for i in range(len(texts)) if (i // group) % args.minibatches == k], device=device)
-                   for k in range(args.minibatches)]
-    tokens_of = all_reduce([response[rows].sum().item() for rows in minibatches], world)
-    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "kl_ref": 0.0}
-    policy_updates = 0 if "clipo" in parts and step < args.clipo_warmup else args.ppo_epochs
-    for _ in range(policy_updates):
-        for rows, tokens in zip(minibatches, tokens_of):
-            with ctx["autocast"]():
-                new = grpo.sequence_logprobs(ctx["train_model"], ids[rows], attention[rows], response[rows])
-            loss, stats = grpo.policy_loss(
-                new.logp, old.logp[rows], advantages[rows], response[rows], clip_low=args.clip_low,
-                clip_high=args.clip_high, ratio=args.ratio, agg=args.agg, kl_coef=args.kl_coef,
-                ref_logp=None if ref is None else ref.logp[rows], num_tokens=tokens / world,
-                max_length=ctx["max_new_tokens"])
-            ctx["optimizer"].zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            ctx["optimizer"].step()
-            sums["loss"] += loss.detach()
-            sums["kl"] += stats["approx_kl"]
-            sums["clip_frac"] += stats["clip_frac"]
-            sums["kl_ref"] += stats.get("kl_ref", 0.0)
-    t3 = time.perf_counter()
-
-    updates = max(1, policy_updates * args.minibatches)
-    lengths = [len(t) for t in rollouts.tokens]
-    grouped = total.view(-1, group)
-    adv = advantages[:, start] if advantages.dim() == 2 else advantages  # the first response token's
-    local = [total.sum().item(), correct.sum().item(), formatted.sum().item(), adv.sum().item(),
-             (adv ** 2).sum().item(), (grouped.amax(1) == grouped.amin(1)).sum().item(),
-             (old.entropy * response).sum().item(), response.sum().item(), sum(lengths), len(lengths)]
-    local += [float(v) / updates for v in sums.values()] + list(extra.values())
-    g = all_reduce(local, world)
-    n = g[9]
-    row = {"loss": g[10] / world, "reward_mean": g[0] / n, "success_rate": g[1] / n, "format_rate": g[2] / n,
-           "adv_std": math.sqrt(max(0.0, g[4] / n - (g[3] / n) ** 2)), "zero_adv_frac": g[5] / (n / group),
-           "kl": g[11] / world, "clip_frac": g[12] / world, "entropy": g[6] / max(g[7], 1),
-           "response_length_mean": g[8] / n, "response_length_max": all_reduce([max(lengths)], world, "max")[0],
-           "tokens_per_s": g[8] / max(t1 - t0, 1e-9), "time_sample": t1 - t0, "time_reward": t2 - t1,
-           "time_train": t3 - t2}
-    if args.kl_coef:
-        row["kl_ref"] = g[13] / world
-    row.update({k: v / world for k, v in zip(extra, g[14:])})
-    return row
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 def heldout_success(args, ctx, heldout):
@@ -391,7 +298,7 @@ def run(args, rank, world, device):
         truncate_metrics(args.out, start)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-    step_fn = sft.sft_step if args.mode == "sft" else rl_step
+    step_fn = sft.sft_step if args.mode == "sft" else rl.rl_step
     if start == 0 and args.mode != "sft":  # where RL starts from: step 0 of the curves
         row = {"step": 0, "heldout/success_rate": heldout_success(args, ctx, heldout)}
         if rank == 0:

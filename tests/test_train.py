@@ -183,3 +183,17 @@ def test_real_model_path_with_chat_template(tmp_path):
     assert AutoTokenizer.from_pretrained(out / "model").chat_template
     # the prompt went through the chat template: LongProc-style instruction inside the user turn
     assert json.loads((out / "args.json").read_text())["prompt"] == "longproc"
+
+
+def test_micro_batches_change_nothing_but_speed(setup):
+    """Gradient accumulation over length-sorted micro-batches equals one forward per minibatch."""
+    for size in ("1", "64"):
+        result = _run([sys.executable] + _args(setup, setup / f"micro{size}", 2, "--micro-batch", size,
+                                               "--agg", "seq-mean-token-mean"))
+        assert result.returncode == 0, result.stderr[-2000:]
+    a, b = _metrics(setup / "micro1"), _metrics(setup / "micro64")
+    for row_a, row_b in zip(a, b):
+        for key in row_a.keys() - TIMING:
+            assert abs(row_a[key] - row_b[key]) <= 1e-5, (key, row_a[key], row_b[key])
+    wa, wb = _weights(setup / "micro1"), _weights(setup / "micro64")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

@@ -84,7 +84,7 @@ def plot(paths, out):
                 runs[path] = [json.loads(line) for line in f if line.strip()]
         except (OSError, json.JSONDecodeError) as e:
             sys.exit(f"{path}: cannot read metrics ({e})")
-    panels = [k for k in ("heldout/success_rate", "success_rate", "reward_mean", "kl", "response_length_mean",
+    panels = [k for k in ("heldout/success_rate", "success_rate", "reward_mean", "loss", "kl", "response_length_mean",
                           "entropy") if any(k in r for rows in runs.values() for r in rows)]
     if not panels:
         sys.exit(f"no known metric in {', '.join(paths)}")

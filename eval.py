@@ -13,6 +13,7 @@ writes the compact trace; other models get the "longproc" prompt through their c
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -88,12 +89,16 @@ def plot(paths, out):
                           "entropy") if any(k in r for rows in runs.values() for r in rows)]
     if not panels:
         sys.exit(f"no known metric in {', '.join(paths)}")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, panels):
         for path, rows in runs.items():
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
-                ax.plot(*zip(*points), label=path, marker="." if len(points) < 30 else None)
+                ax.plot(*zip(*points), label=os.path.dirname(path) or path, marker="." if len(points) < 30 else None)
         ax.set_title(key)
         ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7)

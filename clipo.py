@@ -41,7 +41,7 @@ class ContrastiveHead(nn.Module):
         return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
 
     def project(self, pooled):
-        return F.normalize(self.proj.float()(pooled), dim=-1)
+        return F.normalize(self.proj(pooled.float()), dim=-1)
 
 
 def _groups(z, correct, group_size):

@@ -12,6 +12,7 @@ this file imports nothing of ours.
 """
 import functools
 import json
+import os
 import random
 import re
 from fractions import Fraction
@@ -486,6 +487,21 @@ Search for a solution depth first and write every step down: list the pairs you 
 fraction or too large, or when the last number misses the target. Once you hit the target, \
 trace the steps back and write the solution as a <Solution> block, one equation per line.
 """
+
+
+
+LONGPROC_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "longproc",
+                             "countdown_0.5k.json")  # LongProc's public test split, beside the clone
+
+
+@functools.lru_cache(maxsize=None)
+def never_train_on(preset="tiny"):
+    """Keys of the problems no training may see: the first 1,000 of the preset's held-out stream
+    and, when it is beside the project, every problem of LongProc's test split."""
+    keys = {problem_key(*p) for p in heldout_problems(1000, preset)}
+    if os.path.exists(LONGPROC_TEST):
+        keys |= {problem_key(*p) for p in load_problems(LONGPROC_TEST)}
+    return frozenset(keys)
 
 
 def problem_header(problem):

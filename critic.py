@@ -45,10 +45,7 @@ EVAL_PROBLEMS = 300     # held-out problems whose search states make the evaluat
 def digits(values):
     """[..., PLACES] digit ids, least significant first, EMPTY past the number's length."""
     v = values.clamp(0, 10 ** PLACES - 1)
-    out = []
-    for p in range(PLACES):
-        d = (v // 10 ** p) % 10
-        out.append(torch.where((v >= 10 ** p) | (torch.tensor(p) == 0), d, torch.full_like(d, EMPTY)))
+    out = [v % 10] + [torch.where(v >= 10 ** p, (v // 10 ** p) % 10, EMPTY) for p in range(1, PLACES)]
     return torch.stack(out, -1)
 
 
@@ -127,10 +124,6 @@ def load(path):
 # ---------------------------------------------------------------------------------------------
 # Data
 
-def excluded_problems(preset):
-    return {countdown.problem_key(*p) for p in countdown.heldout_problems(1000, preset)}
-
-
 def sample_pairs(rng, sampler, size, exclude, preset="tiny", per_problem=8):
     """`size` (state, goal) pairs from searches of fresh problems."""
     states, goals = [], []
@@ -195,7 +188,7 @@ def train(minutes=5.0, steps=None, sampler="hindsight", preset="tiny", batch_siz
     rng = random.Random(seed)
     critic = Critic()
     optimizer = torch.optim.AdamW(critic.parameters(), lr=lr, weight_decay=0.01)
-    exclude = excluded_problems(preset)
+    exclude = countdown.never_train_on(preset)
     start, step = time.time(), 0
     total = steps or None
     bar = tqdm(total=total, desc=f"critic ({sampler})", disable=not progress)
@@ -219,7 +212,7 @@ def train(minutes=5.0, steps=None, sampler="hindsight", preset="tiny", batch_siz
 @torch.no_grad()
 def batch_report(critic, sampler, preset="tiny", size=256, seed=123):
     """In-batch top-1 accuracy (each state's best goal is its own) and the similarity matrix."""
-    states, goals = sample_pairs(random.Random(seed), sampler, size, excluded_problems(preset), preset)
+    states, goals = sample_pairs(random.Random(seed), sampler, size, countdown.never_train_on(preset), preset)
     values, present = pad_states(states)
     goal_values = torch.tensor(goals)
     logits = critic.logits(values, present, goal_values)

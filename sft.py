@@ -1,6 +1,6 @@
 """The SFT warm start: a model learns the written searches of generated problems.
 
-    python train.py --mode sft                      # the built-in tiny model, from scratch (~12 min, 2 cores)
+    python train.py --mode sft                      # the built-in tiny model, from scratch (~8 min, 2 cores)
     python train.py --mode sft --seed 1 --out runs/sft-seed1
 
 train.py runs the loop; this file holds the mode's data and step. The tiny model learns the
@@ -24,10 +24,10 @@ def sft_pool(args, pool_index, rank, world, tokenizer, exclude):
     each batch pads little; a pure function of (seed, pool_index, rank)."""
     rng = random.Random(seed_for(args.seed, "sft", pool_index, rank))
     per_rank = args.batch_size // world
+    style = "compact" if args.prompt == "bare" else "longproc"
     pool = []
     for _ in range(4 * per_rank):
         p = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS[args.preset])
-        style = "compact" if args.prompt == "bare" else "longproc"
         pool.append((encode_prompt(tokenizer, countdown.prompt(p, args.prompt), chat=args.prompt == "longproc"),
                      tokenizer.encode(countdown.search_trace(*p, style=style)) + [tokenizer.eos_token_id]))
     pool.sort(key=lambda x: len(x[0]) + len(x[1]))
@@ -44,8 +44,8 @@ def sft_step(args, step, ctx):
                                                   ctx["exclude"]), pool_index
     batch = ctx["pool"][part]
     t0 = time.perf_counter()
-    ids, attention, response, _ = grpo.pack_rollouts([b[0] for b in batch], [b[1] for b in batch], ctx["tokenizer"].pad_token_id,
-                                       ctx["device"])
+    ids, attention, response, _ = grpo.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
+                                                     ctx["tokenizer"].pad_token_id, ctx["device"])
     with ctx["autocast"]():
         out = grpo.sequence_logprobs(ctx["train_model"], ids, attention, response)
     loss = -out.logp.sum() / response.sum()

@@ -212,18 +212,6 @@ def learning_rate(args, step):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches
-
-def heldout_keys(args):
-    """Problems training must never see: the held-out stream's and LongProc's test split."""
-    keys = {countdown.problem_key(*p) for p in countdown.heldout_problems(1000, args.preset)}
-    longproc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "longproc", "countdown_0.5k.json")
-    if os.path.exists(longproc):
-        keys |= {countdown.problem_key(*p) for p in countdown.load_problems(longproc)}
-    return keys
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 def heldout_success(args, ctx, heldout):
@@ -290,7 +278,8 @@ def run(args, rank, world, device):
     ctx = {"rank": rank, "world": world, "device": device, "tokenizer": tokenizer, "model": model,
            "train_model": train_model, "optimizer": optimizer, "ref_model": ref_model, "style": args.prompt,
            "critic": scorer, "clipo": head,
-           "max_new_tokens": args.max_new_tokens or default_max_new_tokens(args.prompt), "exclude": heldout_keys(args),
+           "max_new_tokens": args.max_new_tokens or default_max_new_tokens(args.prompt),
+           "exclude": countdown.never_train_on(args.preset),
            "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)}
     heldout = countdown.heldout_problems(args.eval_problems, args.preset)
     if rank == 0:

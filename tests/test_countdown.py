@@ -319,6 +319,15 @@ def test_random_problem_distribution_determinism_and_exclusion(longproc):
         assert countdown.problem_key(*p) not in exclude
 
 
+def test_never_train_on_covers_longproc_and_the_held_out_stream(longproc):
+    test_split = {countdown.problem_key(x["nums"], x["target"]) for x in longproc}
+    assert len(test_split) > 150
+    for preset in countdown.PRESETS:
+        keys = countdown.never_train_on(preset)
+        assert test_split <= keys
+        assert {countdown.problem_key(*p) for p in countdown.heldout_problems(1000, preset)} <= keys
+
+
 def test_random_problem_impossible_range_raises():
     with pytest.raises(ValueError, match="no solvable problem"):
         countdown.random_problem(random.Random(0), n=2, num_range=(1, 1), target_range=(5, 5))

@@ -51,7 +51,8 @@ def whole_result(a, b, op):
 
 class Step(NamedTuple):
     """One event of the search. kind: "pick" (a pair is chosen; a, b in list order) or "try"
-    (big op small; outcome "decimal", "exceeds", "miss", "found" or "state", child = new set)."""
+    (big op small; outcome "invalid" (x / 0), "decimal", "exceeds", "miss", "found" or "state",
+    child = new set)."""
     kind: str
     depth: int
     a: int
@@ -79,7 +80,8 @@ def _search(nums, target, depth, steps, path):
                 try_depth = depth + 2
             big, small = max(nums[i], nums[j]), min(nums[i], nums[j])
             for op in OPS:
-                if op == "/" and small == 0:  # no result to write: the search skips it silently
+                if op == "/" and small == 0:  # LongProc writes this line too, at every depth
+                    steps.append(Step("try", try_depth, big, small, op, None, "invalid"))
                     continue
                 value = whole_result(big, small, op)
                 if value is None:
@@ -119,6 +121,8 @@ def _longproc_line(step, target):
     if step.kind == "pick":
         return (f"{indent}|- Pick two numbers ({step.a}, {step.b}) (numbers left: {_fmt_list(step.child)}). "
                 "Try possible operations.")
+    if step.outcome == "invalid":
+        return f"{indent}|- Try {step.a} / {step.b} (invalid operation). drop this branch."
     if step.outcome == "decimal":
         shown = f"{step.value:.1f}"
         return f"{indent}|- Try {step.a} / {step.b} = {shown}. {shown} is a decimal, drop this branch."
@@ -148,7 +152,8 @@ def search_trace(nums, target, style="longproc"):
     "longproc": LongProc's demonstration (search log, trace-back, <Solution>), byte for byte.
     "compact": the same search, one line per legal operation with the set it leads to
     (`21+16=37 [37,17,26]`; a leaf restates the target: `54+26=80|46`), then <Solution>.
-    ~7x shorter: the format the built-in tiny model learns.
+    Operations without a legal result (x / 0, decimals, results past the maximum) get no line
+    there, as they lead to no set. ~7x shorter: the format the built-in tiny model learns.
     """
     nums = list(nums)
     if len(nums) < 2:

@@ -37,9 +37,40 @@ def test_search_trace_drop_rules_at_inner_levels():
     trace = countdown.search_trace([7, 2, 1], 3)
     assert "  |- Try 7 / 2 = 3.5. 3.5 is a decimal, drop this branch.\n |- Pick two numbers (7, 1)" in trace
     assert "  |- Try 50 * 49 = 2450. 2450 exceeds the maximum" in countdown.search_trace([50, 49, 1, 1], 48)
-    # 3 - 3 = 0 leads to 5 / 0, which has no result to write: the search goes on to 3 * 3
+
+
+def test_division_by_zero_gets_its_line_at_every_depth():
+    """6 - 6 = 0 makes 0 a divisor later: at an inner level (the pair (48, 0) of [0, 48, 2], indent 4)
+    and at the leaves (indent 5), after the pair's other operations, where x / y would stand."""
+    trace = countdown.search_trace([6, 6, 48, 2], 47)
+    inner = ("    |- Try 48 * 0 = 0. Add 0 to the number set. Current number set: [0, 2], target: 47, just two numbers left.\n"
+             "     |- Try 2 + 0 = 2. Evaluate 2 != 47, drop this branch.\n"
+             "     |- Try 2 - 0 = 2. Evaluate 2 != 47, drop this branch.\n"
+             "     |- Try 2 * 0 = 0. Evaluate 0 != 47, drop this branch.\n"
+             "     |- Try 2 / 0 (invalid operation). drop this branch.\n"
+             "    |- Try 48 / 0 (invalid operation). drop this branch.\n"
+             "   |- Pick two numbers (0, 2) (numbers left: [48]). Try possible operations.\n")
+    assert inner in trace
+    leaf = ("     |- Try 50 * 0 = 0. Evaluate 0 != 47, drop this branch.\n"
+            "     |- Try 50 / 0 (invalid operation). drop this branch.\n"
+            "    |- Try 48 - 2 = 46.")
+    assert leaf in trace
+    assert trace.count("(invalid operation)") == 8 and countdown.verify([6, 6, 48, 2], 47, trace)
+    # three numbers: the leaf after 3 - 3 = 0, then the search goes on to 3 * 3
     zero = countdown.search_trace([3, 3, 5], 4)
-    assert "   |- Try 5 * 0 = 0. Evaluate 0 != 4, drop this branch.\n  |- Try 3 * 3 = 9." in zero
+    assert ("   |- Try 5 * 0 = 0. Evaluate 0 != 4, drop this branch.\n"
+            "   |- Try 5 / 0 (invalid operation). drop this branch.\n  |- Try 3 * 3 = 9.") in zero
+
+
+def test_division_by_zero_lines_are_not_states_and_compact_skips_them():
+    """The line leads to no set: extract_states reads the same states search_states lists, and the
+    compact style (one line per legal operation) writes nothing for it."""
+    nums, target = [6, 6, 48, 2], 47
+    written = [tuple(s) for _, s in countdown.extract_states(countdown.search_trace(nums, target))]
+    assert written == [s for s, _ in countdown.search_states(nums, target)]
+    compact = countdown.search_trace(nums, target, style="compact")
+    assert "/0" not in compact and "invalid" not in compact
+    assert [tuple(s) for _, s in countdown.extract_states(compact)] == written
 
 
 def test_search_trace_is_a_dfs_for_larger_n():

@@ -22,6 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 KINDS = ("infonce", "supcon", "softnn")
+METRICS = {  # what ClipoModule.step reports (train.py logs them as "clipo/<name>")
+    "valid_frac": "fraction of rollouts that are valid CLIPO anchors",
+    "bonus_mean": "mean CLIPO reward over valid anchors",
+    "head_loss": "the head's contrastive loss",
+    "pos_cos": "mean cosine between two correct rollouts of a group",
+    "neg_cos": "mean cosine between a correct and an incorrect rollout of a group",
+}
 
 
 class ContrastiveHead(nn.Module):
@@ -128,9 +135,8 @@ class ClipoModule:
         bonus = contrastive_reward(loss.detach(), valid, lam=self.lam, floor=self.floor)
         positive, negative = cosine_stats(z.detach(), correct, group_size)
         local = valid.sum().clamp(min=1)
-        return bonus, {"clipo/valid_frac": valid.float().mean(), "clipo/bonus_mean": bonus.sum() / local,
-                       "clipo/head_loss": (loss.detach() * valid).sum() / local,
-                       "clipo/pos_cos": positive, "clipo/neg_cos": negative}
+        return bonus, {"valid_frac": valid.float().mean(), "bonus_mean": bonus.sum() / local,
+                       "head_loss": (loss.detach() * valid).sum() / local, "pos_cos": positive, "neg_cos": negative}
 
     def state_dict(self):
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -46,7 +46,10 @@ def seed_for(*parts):
 
 
 def all_reduce(values, world, op="sum"):
-    """Sum (or max) a list of floats over processes, in one collective."""
+    """Sum (or max) floats over processes, in one collective: a list, or a dict reduced by name
+    (every process must hold the same keys in the same order)."""
+    if isinstance(values, dict):
+        return dict(zip(values, all_reduce(list(values.values()), world, op)))
     if world == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,10 +1,13 @@
 """GRPO, the math: group-normalised advantages, the clipped policy loss and its variants, and
-the log-probs of taken tokens. Plain functions on tensors; train.py does the rest.
+the log-probs of taken tokens. Plain functions on tensors; rl.py calls them in its RL step.
 
     from grpo import group_advantages, policy_loss, sequence_logprobs
     adv = group_advantages(rewards, group_size=8)                  # [N]
     out = sequence_logprobs(model, ids, attention_mask, response_mask)
-    loss, stats = policy_loss(out.logp, old_logp, adv, response_mask)
+    loss, stats = policy_loss(out.logp, old_logp, adv[:, None].expand_as(out.logp), response_mask)
+
+A loss variant is a new name in RATIOS or AGGREGATIONS and its branch in policy_loss: train.py
+offers every name as a --ratio / --agg choice, and tests/test_grpo.py checks each against a loop.
 
 Shapes: N rollouts (G consecutive rows per prompt) x T token positions; `mask` marks the
 response tokens. No host syncs: stats come back as 0-dim tensors for the caller to gather.
@@ -34,75 +37,81 @@ def _normalise(values, valid, groups, scale, eps):
     return torch.where(big > small, centred, torch.zeros_like(centred)).reshape(values.shape)
 
 
-def group_advantages(rewards, group_size, *, scale=True, eps=1e-6, step_rewards=None, step_mask=None, step_weight=1.0):
-    """Advantages of N rollouts whose rows are grouped consecutively, G = group_size per prompt.
-
-    Outcome only: `(r - mean_g) / (std_g + eps)` (unbiased std), [N]; `scale=False` only
-    centres (Dr. GRPO). A group of identical rewards gets exactly 0.
-    Process credit (DeepSeekMath 4.1.3): `step_rewards` [N, T] holds a reward at each token
-    where a step ends (`step_mask` marks them). Step rewards are normalised over all steps of
-    the group, and a token's advantage is the outcome advantage plus `step_weight` times the
-    sum of the normalised step rewards at or after it: [N, T].
-    """
+def group_advantages(rewards, group_size, *, scale=True, eps=1e-6):
+    """Advantages [N] of N rollouts whose rows are grouped consecutively, G = group_size per
+    prompt: `(r - mean_g) / (std_g + eps)` (unbiased std); `scale=False` only centres (Dr.
+    GRPO). A group of identical rewards gets exactly 0."""
     n = rewards.shape[0]
     if n % group_size:
         raise ValueError(f"{n} rollouts do not split into groups of {group_size}")
-    groups = n // group_size
-    outcome = _normalise(rewards, torch.ones_like(rewards, dtype=torch.bool), groups, scale, eps)
-    if step_rewards is None:
-        return outcome
-    steps = _normalise(step_rewards, step_mask, groups, scale, eps)
-    to_go = steps.flip(-1).cumsum(-1).flip(-1)  # sum over steps at or after each token
-    return outcome[:, None] + step_weight * to_go
+    return _normalise(rewards, torch.ones_like(rewards, dtype=torch.bool), n // group_size, scale, eps)
+
+
+def normalise_step_rewards(step_rewards, step_mask, group_size, *, scale=True, eps=1e-6):
+    """Process supervision (DeepSeekMath 4.1.3): `step_rewards` [N, T] holds a reward at each
+    token where a step ends (`step_mask` marks them); each is normalised over all steps of its
+    group, the same way as outcome rewards. [N, T], 0 off the mask."""
+    return _normalise(step_rewards, step_mask, step_rewards.shape[0] // group_size, scale, eps)
+
+
+def rewards_to_go(step_rewards):
+    """[N, T]: the sum of the step rewards at or after each token (a token is credited with the
+    steps it leads to)."""
+    return step_rewards.flip(-1).cumsum(-1).flip(-1)
+
+
+def _clipped_surrogate(r, adv, mask, clip_low, clip_high):
+    """PPO's pessimistic surrogate per token, -min(r A, clip(r) A), and where the clip bit."""
+    unclipped, clipped = r * adv, r.clamp(1 - clip_low, 1 + clip_high) * adv
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).to(r.dtype) * mask
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, ratio="token", agg="token-mean",
-                ref_logp=None, kl_coef=0.0, entropy=None, max_length=None, num_tokens=None):
-    """Clipped surrogate loss (to minimise) and stats.
+                ref_logp=None, kl_coef=0.0, max_length=None, num_tokens=None, num_sequences=None):
+    """Clipped surrogate loss (to minimise) and stats; every tensor [N, T], advantages per token.
 
     ratio: "token" (PPO/GRPO; DAPO's clip-higher is clip_high=0.28), "sequence" (GSPO, token
     form: every token carries the sequence ratio exp(mean log-ratio) and its own gradient), or
-    "geometric" (GMPO: geometric mean of the token ratios, each clipped in log space).
-    agg: "token-mean" (every response token of the batch weighs the same; `num_tokens` overrides
-    the count, e.g. the global count under DDP), "seq-mean-token-mean", or
-    "seq-mean-token-sum-norm" (Dr. GRPO: token sums divided by the constant `max_length`).
+    "geometric" (GMPO: geometric mean of the token ratios, each clipped in log space; it needs
+    one advantage per sequence and reads it at the first response token).
+    agg: "token-mean" (every response token of the batch weighs the same), "seq-mean-token-mean",
+    or "seq-mean-token-sum-norm" (Dr. GRPO: token sums divided by the constant `max_length`).
+    The loss is a sum over the rows divided by `num_tokens` (token-mean) or `num_sequences`
+    (the others), by default this batch's counts. Give the counts of the whole (global)
+    minibatch when it is split into micro-batches whose gradients add up.
     KL to a reference: + kl_coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1 (minimised).
     """
     if ratio not in RATIOS or agg not in AGGREGATIONS:
         raise ValueError(f"ratio must be one of {RATIOS} and agg one of {AGGREGATIONS}")
+    if advantages.shape != logp.shape:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be per token, like logp {tuple(logp.shape)}")
     mask = mask.to(logp.dtype)
-    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logp)
+    adv = advantages
     log_ratio = (logp - old_logp) * mask
     lengths = mask.sum(-1).clamp(min=1)
     if ratio == "geometric":
-        if advantages.dim() == 2:
-            raise ValueError("geometric (GMPO) ratios need one advantage per sequence, not per token")
+        seq_adv = adv.gather(-1, mask.argmax(-1, keepdim=True))  # [N, 1]: the first response token's
         low, high = math.log(1 - clip_low), math.log(1 + clip_high)
         clipped = log_ratio.clamp(low, high)
         # per token, the pessimistic side: min for positive advantages, max for negative
-        chosen = torch.where(adv > 0, torch.minimum(log_ratio, clipped), torch.maximum(log_ratio, clipped))
-        seq_ratio = ((chosen * mask).sum(-1) / lengths).exp()
-        per_token = -(seq_ratio * advantages)[:, None].expand_as(logp)
+        chosen = torch.where(seq_adv > 0, torch.minimum(log_ratio, clipped), torch.maximum(log_ratio, clipped))
+        seq_ratio = ((chosen * mask).sum(-1, keepdim=True) / lengths[:, None]).exp()
+        per_token = -(seq_ratio * seq_adv).expand_as(logp)
         clipped_frac = ((chosen != log_ratio).to(logp.dtype) * mask)
-        r = log_ratio.exp()
-    else:
-        if ratio == "token":
-            r = log_ratio.exp()
-        else:
-            seq_log_ratio = log_ratio.sum(-1, keepdim=True) / lengths[:, None]
-            r = (seq_log_ratio.detach() + logp - logp.detach()).exp()
-        unclipped, clipped = r * adv, r.clamp(1 - clip_low, 1 + clip_high) * adv
-        per_token = -torch.minimum(unclipped, clipped)
-        clipped_frac = (clipped < unclipped).to(logp.dtype) * mask
+    elif ratio == "token":
+        per_token, clipped_frac = _clipped_surrogate(log_ratio.exp(), adv, mask, clip_low, clip_high)
+    elif ratio == "sequence":
+        seq_log_ratio = log_ratio.sum(-1, keepdim=True) / lengths[:, None]
+        r = (seq_log_ratio.detach() + logp - logp.detach()).exp()
+        per_token, clipped_frac = _clipped_surrogate(r, adv, mask, clip_low, clip_high)
     if kl_coef:
         delta = ref_logp - logp
         per_token = per_token + kl_coef * (delta.exp() - delta - 1)
     if agg == "token-mean":
         loss = (per_token * mask).sum() / (mask.sum() if num_tokens is None else num_tokens)
-    elif agg == "seq-mean-token-mean":
-        loss = ((per_token * mask).sum(-1) / lengths).mean()
     else:
-        loss = ((per_token * mask).sum(-1) / (max_length or mask.shape[1])).mean()
+        norm = lengths if agg == "seq-mean-token-mean" else (max_length or mask.shape[1])
+        loss = ((per_token * mask).sum(-1) / norm).sum() / (logp.shape[0] if num_sequences is None else num_sequences)
     with torch.no_grad():
         count = mask.sum().clamp(min=1)
         token_ratio = (log_ratio.exp() * mask)
@@ -110,8 +119,6 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
                  "approx_kl": ((token_ratio - 1 - log_ratio) * mask).sum() / count,
                  "ratio_mean": token_ratio.sum() / count,
                  "ratio_max": token_ratio.max()}
-        if entropy is not None:
-            stats["entropy"] = (entropy * mask).sum() / count
         if kl_coef:
             stats["kl_ref"] = ((delta.exp() - delta - 1) * mask).sum() / count
     return loss, stats

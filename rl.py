@@ -1,21 +1,27 @@
-"""The RL step, top to bottom: draw prompts, roll out, score, normalise, update.
+"""One RL step, top to bottom: draw prompts, roll out, score, normalise, update.
 
-    python train.py --mode grpo                 # train.py runs the loop; this is one step of it
-    python train.py --mode clipo+critic         # a mode adds a reward term or an auxiliary module
+    python train.py --mode grpo                 # train.py runs the loop; rl_step is one step of it
+    python train.py --mode clipo+critic         # a mode names reward terms (rewards.REWARD_TERMS)
 
-1. prompts: the same global list on every process, each takes its slice (a group never spans
-   processes); 2. rollouts: G per prompt (sample.py), one generator per prompt so a rollout does
-   not depend on where it was drawn; 3. one no-grad forward: old log-probs, entropies and, for
-   CLIPO, pooled hidden states; 4. rewards: outcome + format (+ critic/oracle state values,
-   + CLIPO's bonus); 5. group-normalised advantages; 6. --ppo-epochs x --minibatches clipped
-   updates. Forwards run in micro-batches of rows sorted by length, each cut to its longest
-   row: rollouts that hit the token limit no longer pad everyone else.
+rl_step(run, step) fills one `Rollouts`, in six stages numbered as in the code:
+ 1. prompts: the same global list on every process, each takes its slice (a group never spans
+    processes), one sampling generator per prompt (a rollout does not depend on where it is drawn);
+ 2. rollouts: G samples per prompt (sample.py), packed into [N, T] rows and decoded;
+ 3. old pass: one no-grad forward for the old log-probs, entropies, the reference's log-probs
+    (--kl-coef) and the pooled hidden states a reward term asks for (CLIPO);
+ 4. rewards: outcome 1 + format 0.1, plus each reward term of the mode;
+ 5. advantages: group-normalised rewards, plus the rewards-to-go of the terms' step rewards;
+ 6. update: --ppo-epochs x --minibatches clipped updates.
+Forwards run in micro-batches of rows sorted by length, each cut to its longest row: rollouts
+that hit the token limit no longer pad everyone else. `run` is train.Run (model, optimizer,
+tokenizer, flags as run.args); the step returns its metrics (train.METRICS), reduced by name.
 Imports: countdown, grpo, rewards, sample, model, distributed, torch.
 """
 import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +33,32 @@ from model import encode_prompt
 from sample import sample
 
 
+@dataclass
+class Rollouts:
+    """The data of one RL step on this process. N rows = prompts x G (a prompt's G rollouts are
+    consecutive); T columns = [left pad | prompt | response | right pad]."""
+    problems: list                     # [N] countdown.Problem each row answers
+    tokens: list                       # [N] response token ids (list of int, EOS included)
+    texts: list                        # [N] decoded responses
+    ids: torch.Tensor                  # [N, T] token ids
+    attention: torch.Tensor            # [N, T] 1 on prompt and response tokens
+    response: torch.Tensor             # [N, T] float, 1 on response tokens
+    start: int                         # first response column: prompts are left-padded to end here
+    old_logp: torch.Tensor = None      # [N, T] log-prob of each response token under the sampling policy
+    entropy: torch.Tensor = None       # [N, T] entropy of that policy at each response token
+    ref_logp: torch.Tensor = None      # [N, T] log-probs under the frozen reference (--kl-coef > 0)
+    pooled: torch.Tensor = None        # [N, H] mean final hidden state over response tokens (terms that ask)
+    correct: torch.Tensor = None       # [N] 1 when the solution verifies
+    formatted: torch.Tensor = None     # [N] 1 when a <Solution> block parses
+    reward: torch.Tensor = None        # [N] outcome + format + the terms' bonuses
+    step_rewards: torch.Tensor = None  # [N, T] the terms' per-token rewards, summed (0 elsewhere)
+    advantages: torch.Tensor = None    # [N, T] group-normalised reward + rewards-to-go of step_rewards
+
+    @property
+    def lengths(self):
+        return [len(t) for t in self.tokens]
+
+
 def micro_batches(rows, lengths, start, size):
     """Rows (indices) in chunks of `size`, sorted by response length: [(index tensor, width)],
     width = the columns the chunk needs (its prompts end at `start`)."""
@@ -35,140 +67,145 @@ def micro_batches(rows, lengths, start, size):
             for k in range(0, len(order), size)]
 
 
-def old_pass(ctx, batch, chunks, hidden):
-    """No-grad forward over every row: old log-probs [N, W], entropies, pooled hidden [N, H]."""
-    ids, attention, response = batch
-    logp, entropy = torch.zeros(response.shape, device=ids.device), torch.zeros(response.shape, device=ids.device)
-    ref, pooled = (torch.zeros_like(logp) if ctx["ref_model"] else None), None
-    with torch.no_grad(), ctx["autocast"]():
-        for idx, width in chunks:
-            idx = idx.to(ids.device)
-            args = (ids[idx, :width], attention[idx, :width], response[idx, :width])
-            out = grpo.sequence_logprobs(ctx["model"], *args, entropy=True, hidden=hidden)
-            logp[idx, :width], entropy[idx, :width] = out.logp, out.entropy
+def roll_out(run, problems, step):
+    """G rollouts of each problem, packed into rows and decoded."""
+    args, tok = run.args, run.tokenizer
+    prompts = [encode_prompt(tok, countdown.prompt(p, run.style), chat=run.style == "longproc") for p in problems]
+    first = run.rank * len(problems)  # this process's first prompt in the global list
+    generators = [torch.Generator(run.device).manual_seed(seed_for(args.seed, "sample", step, first + i))
+                  for i in range(len(problems))]
+    with run.autocast():
+        sampled = sample(run.model, prompts, run.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         num_samples=args.group_size, eos_token_id=tok.eos_token_id, stop="</Solution>",
+                         tokenizer=tok, generator=generators, pad_token_id=tok.pad_token_id)
+    ids, attention, response, start = grpo.pack_rollouts(prompts, sampled.tokens, tok.pad_token_id, run.device)
+    return Rollouts(problems=[p for p in problems for _ in range(args.group_size)], tokens=sampled.tokens,
+                    texts=[tok.decode(t, skip_special_tokens=True) for t in sampled.tokens],
+                    ids=ids, attention=attention, response=response, start=start)
+
+
+def old_pass(run, r, hidden):
+    """No-grad forward over every row: fills r.old_logp, r.entropy, r.ref_logp, r.pooled."""
+    r.old_logp, r.entropy = torch.zeros_like(r.response), torch.zeros_like(r.response)
+    r.ref_logp = torch.zeros_like(r.response) if run.ref_model else None
+    with torch.no_grad(), run.autocast():
+        for idx, width in micro_batches(range(len(r.tokens)), r.lengths, r.start, run.args.micro_batch):
+            idx = idx.to(r.ids.device)
+            rows = (r.ids[idx, :width], r.attention[idx, :width], r.response[idx, :width])
+            out = grpo.sequence_logprobs(run.model, *rows, entropy=True, hidden=hidden)
+            r.old_logp[idx, :width], r.entropy[idx, :width] = out.logp, out.entropy
             if hidden:
-                chunk = ctx["clipo"].head.pool(out.hidden, response[idx, :width])
-                pooled = chunk.new_zeros((len(response), chunk.shape[-1])) if pooled is None else pooled
-                pooled[idx] = chunk
-            if ref is not None:
-                ref[idx, :width] = grpo.sequence_logprobs(ctx["ref_model"], *args).logp
-    return logp, entropy, ref, pooled
+                chunk = run.clipo.head.pool(out.hidden, r.response[idx, :width])
+                r.pooled = chunk.new_zeros((len(r.tokens), chunk.shape[-1])) if r.pooled is None else r.pooled
+                r.pooled[idx] = chunk
+            if r.ref_logp is not None:
+                r.ref_logp[idx, :width] = grpo.sequence_logprobs(run.ref_model, *rows).logp
 
 
-def score(args, step, ctx, owners, texts, tokens, pooled, start, width):
-    """Rewards [N] (outcome + format + the mode's terms), step rewards for process credit, and
-    the mode's metrics."""
-    parts, device = set(args.mode.split("+")), ctx["device"]
-    correct, formatted = rewards.outcome(owners, texts)
-    total = correct + args.format_reward * formatted
-    extra, step_rewards, step_mask = {}, None, None
-    if parts & {"critic", "oracle"}:
-        values = rewards.state_values(owners, texts, ctx["critic"])
-        if args.critic_credit == "sequence":
-            bonus = rewards.sequence_credit(values)
-            total = total + args.critic_coef * bonus
-            extra["critic/bonus_mean"] = bonus.mean().item()
-        else:
-            steps, mask = rewards.process_credit(values, texts, tokens, ctx["tokenizer"], width - start)
-            step_rewards = torch.nn.functional.pad(steps, (start, 0)).to(device)
-            step_mask = torch.nn.functional.pad(mask, (start, 0)).to(device)
-        extra["critic/states_per_rollout"] = sum(len(v) for v in values) / len(values)
-    if "clipo" in parts:
-        generator = torch.Generator(device).manual_seed(seed_for(args.seed, "clipo", step, ctx["rank"]))
-        bonus, stats = ctx["clipo"].step(pooled, correct.to(device), args.group_size, generator, ctx["world"])
-        if step >= args.clipo_warmup:
-            total = total + bonus.cpu()
-        extra.update({k: v.item() for k, v in stats.items()})
-    return correct, formatted, total, step_rewards, step_mask, extra
+def score(run, r, step):
+    """Fills r.correct, r.formatted, r.reward [N] and r.step_rewards [N, T]; returns the terms'
+    metrics, named "<term>/<metric>"."""
+    r.correct, r.formatted = rewards.outcome(r.problems, r.texts)
+    r.reward = r.correct + run.args.format_reward * r.formatted
+    r.step_rewards = torch.zeros_like(r.response)
+    metrics = {}
+    for name in run.terms:
+        bonus, step_rewards, term_metrics = rewards.REWARD_TERMS[name].score(run, r, step)
+        if bonus is not None:
+            r.reward = r.reward + bonus
+        if step_rewards is not None:
+            r.step_rewards = r.step_rewards + step_rewards
+        metrics.update({f"{name}/{k}": v for k, v in term_metrics.items()})
+    return metrics
 
 
-def update(args, ctx, batch, chunks_of, old, ref, advantages):
-    """--ppo-epochs x --minibatches optimizer steps; each minibatch accumulates its
-    micro-batches' gradients (the loss normalised as over the whole global minibatch)."""
-    ids, attention, response = batch
-    world, model = ctx["world"], ctx["model"]
-    tokens_of = all_reduce([float(sum(response[idx.to(ids.device)].sum().item() for idx, _ in chunks))
-                            for chunks in chunks_of], world)
-    sums = torch.zeros(4, device=ids.device)  # loss, approx KL, clip fraction, KL to the reference
+def update(run, r):
+    """--ppo-epochs x --minibatches optimizer steps; each minibatch accumulates its micro-batches'
+    gradients, its loss normalised by the whole global minibatch's tokens (or rows)."""
+    args, world = run.args, run.world
+    # minibatch k: the groups g with g % M == k, so M minibatches are the same on 1 or N processes
+    minibatches = [micro_batches([i for i in range(len(r.tokens)) if (i // args.group_size) % args.minibatches == k],
+                                 r.lengths, r.start, args.micro_batch) for k in range(args.minibatches)]
+    counts = {}  # each minibatch's response tokens and rows, over all processes
+    for k, chunks in enumerate(minibatches):
+        counts[f"tokens/{k}"] = float(sum(r.response[idx.to(r.ids.device)].sum().item() for idx, _ in chunks))
+        counts[f"rows/{k}"] = float(sum(len(idx) for idx, _ in chunks))
+    counts = all_reduce(counts, world)
+    sums = torch.zeros(4, device=r.ids.device)  # loss, approx KL, clip fraction, KL to the reference
     for _ in range(args.ppo_epochs):
-        for chunks, tokens in zip(chunks_of, tokens_of):
-            rows = sum(len(idx) for idx, _ in chunks)
-            local_tokens = sum(response[idx.to(ids.device), :width].sum() for idx, width in chunks)
-            ctx["optimizer"].zero_grad(set_to_none=True)
-            for k, (idx, width) in enumerate(chunks):
-                idx = idx.to(ids.device)
-                last = k == len(chunks) - 1
-                sync = nullcontext() if last or world == 1 else ctx["train_model"].no_sync()
-                with sync, ctx["autocast"]():
-                    new = grpo.sequence_logprobs(ctx["train_model"], ids[idx, :width], attention[idx, :width],
-                                                 response[idx, :width])
+        for k, chunks in enumerate(minibatches):
+            local_tokens = sum(r.response[idx.to(r.ids.device), :width].sum() for idx, width in chunks)
+            run.optimizer.zero_grad(set_to_none=True)
+            for j, (idx, width) in enumerate(chunks):
+                idx = idx.to(r.ids.device)
+                last = j == len(chunks) - 1
+                sync = nullcontext() if last or world == 1 else run.train_model.no_sync()
+                with sync, run.autocast():
+                    mask = r.response[idx, :width]
+                    new = grpo.sequence_logprobs(run.train_model, r.ids[idx, :width], r.attention[idx, :width], mask)
                     loss, stats = grpo.policy_loss(
-                        new.logp, old[idx, :width], advantages[idx, :width] if advantages.dim() == 2 else advantages[idx],
-                        response[idx, :width], clip_low=args.clip_low, clip_high=args.clip_high, ratio=args.ratio,
-                        agg=args.agg, kl_coef=args.kl_coef, ref_logp=None if ref is None else ref[idx, :width],
-                        num_tokens=tokens / world, max_length=ctx["max_new_tokens"])
-                    if args.agg != "token-mean":  # a chunk's sequence mean, weighted by its share of rows
-                        loss = loss * len(idx) / rows
+                        new.logp, r.old_logp[idx, :width], r.advantages[idx, :width], mask, clip_low=args.clip_low,
+                        clip_high=args.clip_high, ratio=args.ratio, agg=args.agg, kl_coef=args.kl_coef,
+                        ref_logp=None if r.ref_logp is None else r.ref_logp[idx, :width],
+                        num_tokens=counts[f"tokens/{k}"] / world, num_sequences=counts[f"rows/{k}"] / world,
+                        max_length=run.max_new_tokens)
                     loss.backward()
                 # the chunk losses add up; their stats are token means: weight them by tokens
-                weight = response[idx, :width].sum() / local_tokens
+                weight = mask.sum() / local_tokens
                 kl_ref = stats["kl_ref"] if "kl_ref" in stats else torch.zeros((), device=sums.device)
                 sums += torch.stack([loss.detach(), stats["approx_kl"] * weight, stats["clip_frac"] * weight,
                                      kl_ref * weight])
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            ctx["optimizer"].step()
-    return sums / max(1, args.ppo_epochs * len(chunks_of))
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+            run.optimizer.step()
+    means = (sums / max(1, args.ppo_epochs * args.minibatches)).tolist()
+    return dict(zip(("loss", "kl", "clip_frac", "kl_ref"), means))
 
 
-def rl_step(args, step, ctx):
-    rank, world, device, tok = ctx["rank"], ctx["world"], ctx["device"], ctx["tokenizer"]
-    per_rank, group = args.prompts_per_step // world, args.group_size
+def rl_step(run, step):
+    args, group, clock = run.args, run.args.group_size, time.perf_counter
+    # 1. prompts: this process's slice of the step's global list
+    per_rank = args.prompts_per_step // run.world
     rng = random.Random(seed_for(args.seed, "prompts", step))
-    problems = [countdown.random_problem(rng, exclude=ctx["exclude"], **countdown.PRESETS[args.preset])
-                for _ in range(args.prompts_per_step)][rank * per_rank:(rank + 1) * per_rank]
-    prompts = [encode_prompt(tok, countdown.prompt(p, ctx["style"]), chat=ctx["style"] == "longproc") for p in problems]
-    generators = [torch.Generator(device).manual_seed(seed_for(args.seed, "sample", step, rank * per_rank + i))
-                  for i in range(per_rank)]
+    problems = [countdown.random_problem(rng, exclude=run.exclude, **countdown.PRESETS[args.preset])
+                for _ in range(args.prompts_per_step)][run.rank * per_rank:(run.rank + 1) * per_rank]
+    # 2. rollouts
+    t0 = clock()
+    r = roll_out(run, problems, step)
+    t1 = clock()
+    # 3. old pass
+    old_pass(run, r, hidden=any(rewards.REWARD_TERMS[name].needs_hidden for name in run.terms))
+    t2 = clock()
+    # 4. rewards
+    term_metrics = score(run, r, step)
+    # 5. advantages
+    outcome = grpo.group_advantages(r.reward.to(run.device), group, scale=not args.no_scale_adv)
+    r.advantages = outcome[:, None] + grpo.rewards_to_go(r.step_rewards)
+    t3 = clock()
+    # 6. update (CLIPO's warm-up trains only its head)
+    warming = "clipo" in run.terms and step < args.clipo_warmup
+    update_stats = dict.fromkeys(("loss", "kl", "clip_frac", "kl_ref"), 0.0) if warming else update(run, r)
+    t4 = clock()
 
-    t0 = time.perf_counter()
-    with ctx["autocast"]():
-        rollouts = sample(ctx["model"], prompts, ctx["max_new_tokens"], temperature=args.temperature,
-                          top_p=args.top_p, num_samples=group, eos_token_id=tok.eos_token_id, stop="</Solution>",
-                          tokenizer=tok, generator=generators, pad_token_id=tok.pad_token_id)
-    t1 = time.perf_counter()
-    ids, attention, response, start = grpo.pack_rollouts(prompts, rollouts.tokens, tok.pad_token_id, device)
-    batch, lengths = (ids, attention, response), [len(t) for t in rollouts.tokens]
-    everyone = micro_batches(range(len(lengths)), lengths, start, args.micro_batch)
-    old, entropy, ref, pooled = old_pass(ctx, batch, everyone, hidden="clipo" in args.mode)
-    t2 = time.perf_counter()
-    texts = [tok.decode(t, skip_special_tokens=True) for t in rollouts.tokens]
-    owners = [problems[i // group] for i in range(len(texts))]
-    correct, formatted, total, step_rewards, step_mask, extra = score(
-        args, step, ctx, owners, texts, rollouts.tokens, pooled, start, ids.shape[1])
-    advantages = grpo.group_advantages(total.to(device), group, scale=not args.no_scale_adv, step_rewards=step_rewards,
-                                       step_mask=step_mask, step_weight=args.critic_coef)
-    t3 = time.perf_counter()
-    # minibatch k: the groups g with g % M == k, so M minibatches are the same on 1 or N processes
-    chunks_of = [micro_batches([i for i in range(len(lengths)) if (i // group) % args.minibatches == k], lengths,
-                               start, args.micro_batch) for k in range(args.minibatches)]
-    warming = "clipo" in args.mode and step < args.clipo_warmup  # CLIPO's warm-up trains only its head
-    means = torch.zeros(4) if warming else update(args, ctx, batch, chunks_of, old, ref, advantages).cpu()
-    t4 = time.perf_counter()
-
-    grouped = total.view(-1, group)
-    adv = advantages[:, start] if advantages.dim() == 2 else advantages  # the first response token's
-    local = [total.sum().item(), correct.sum().item(), formatted.sum().item(), adv.sum().item(),
-             (adv ** 2).sum().item(), (grouped.amax(1) == grouped.amin(1)).sum().item(),
-             (entropy * response).sum().item(), response.sum().item(), sum(lengths), len(lengths)]
-    g = all_reduce(local + means.tolist() + list(extra.values()), world)
-    n = g[9]
-    row = {"loss": g[10] / world, "reward_mean": g[0] / n, "success_rate": g[1] / n, "format_rate": g[2] / n,
-           "adv_std": math.sqrt(max(0.0, g[4] / n - (g[3] / n) ** 2)), "zero_adv_frac": g[5] / (n / group),
-           "kl": g[11] / world, "clip_frac": g[12] / world, "entropy": g[6] / max(g[7], 1),
-           "response_length_mean": g[8] / n, "response_length_max": all_reduce([max(lengths)], world, "max")[0],
-           "tokens_per_s": g[8] / max(t1 - t0, 1e-9), "time_sample": t1 - t0, "time_reward": t3 - t2,
+    grouped, lengths = r.reward.view(-1, group), r.lengths
+    first = r.advantages[:, r.start]  # the first response token's advantage
+    sums = {"reward": r.reward.sum().item(), "correct": r.correct.sum().item(), "formatted": r.formatted.sum().item(),
+            "adv": first.sum().item(), "adv_sq": (first ** 2).sum().item(),
+            "flat_groups": (grouped.amax(1) == grouped.amin(1)).sum().item(),
+            "entropy": (r.entropy * r.response).sum().item(), "response_tokens": r.response.sum().item(),
+            "length": sum(lengths), "rollouts": len(lengths),
+            **update_stats, **term_metrics}
+    g = all_reduce(sums, run.world)
+    n = g["rollouts"]
+    row = {"loss": g["loss"] / run.world, "reward_mean": g["reward"] / n, "success_rate": g["correct"] / n,
+           "format_rate": g["formatted"] / n,
+           "adv_std": math.sqrt(max(0.0, g["adv_sq"] / n - (g["adv"] / n) ** 2)),
+           "zero_adv_frac": g["flat_groups"] / (n / group), "kl": g["kl"] / run.world,
+           "clip_frac": g["clip_frac"] / run.world, "entropy": g["entropy"] / max(g["response_tokens"], 1),
+           "response_length_mean": g["length"] / n,
+           "response_length_max": all_reduce([max(lengths)], run.world, "max")[0],
+           "tokens_per_s": g["length"] / max(t1 - t0, 1e-9), "time_sample": t1 - t0, "time_reward": t3 - t2,
            "time_train": (t2 - t1) + (t4 - t3)}
     if args.kl_coef:
-        row["kl_ref"] = g[13] / world
-    row.update({k: v / world for k, v in zip(extra, g[14:])})
+        row["kl_ref"] = g["kl_ref"] / run.world
+    row.update({k: g[k] / run.world for k in term_metrics})
     return row

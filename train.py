@@ -13,12 +13,11 @@ trainer_state.pt to resume), `metrics.jsonl` (one line per step, keys in METRICS
 Randomness is a pure function of (seed, step, rank), so a resumed run replays exactly.
 """
 import argparse
-import json
 import math
 import os
-import shutil
 import signal
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,17 +27,17 @@ import clipo
 import countdown
 import critic
 import grpo
+import rewards
 import rl
 import sft
 from distributed import all_reduce, cpu_threads, launch, seed_for, setup_distributed
 from eval import default_max_new_tokens, default_style, evaluate
-from model import (TinyTokenizer, check_model_path, load_model, load_tokenizer, new_tiny_model,
-                   save_model)
+from checkpoint import append_metrics, load_state, save_checkpoint, truncate_metrics, write_args
+from model import TinyTokenizer, check_model_path, load_model, load_tokenizer, new_tiny_model
 
-MODES = ("sft", "grpo", "critic", "oracle", "clipo")  # RL modes combine with "+", e.g. clipo+critic
 DEFAULT_MODEL = os.path.join("runs", "tiny-sft", "model")
 DEFAULT_CRITIC = os.path.join("runs", "critic.safetensors")
-METRICS = {  # what each line of metrics.jsonl holds
+METRICS = {  # what each line of metrics.jsonl holds; the reward terms add theirs (metric_docs)
     "step": "optimizer steps done", "lr": "learning rate of the step",
     "loss": "training loss (SFT: cross-entropy per token; RL: clipped surrogate + KL)",
     "reward_mean": "mean total reward of the rollouts", "success_rate": "fraction of rollouts that verify",
@@ -50,19 +49,74 @@ METRICS = {  # what each line of metrics.jsonl holds
     "tokens_per_s": "sampled tokens per second (all ranks)",
     "time_sample": "seconds sampling", "time_reward": "seconds scoring (decode, verify, the mode's reward terms)",
     "time_train": "seconds in forward/backward passes (the old-log-prob pass and the updates)",
-    "critic/bonus_mean": "sequence credit: mean state value (critic or oracle) per rollout",
-    "critic/states_per_rollout": "states the critic or oracle scored per rollout",
-    "clipo/valid_frac": "fraction of rollouts that are valid CLIPO anchors",
-    "clipo/bonus_mean": "mean CLIPO reward over valid anchors", "clipo/head_loss": "the head's contrastive loss",
-    "clipo/pos_cos": "mean cosine between two correct rollouts of a group",
-    "clipo/neg_cos": "mean cosine between a correct and an incorrect rollout of a group",
     "heldout/success_rate": "greedy success on held-out problems (every --eval-every steps)",
 }
 
 
+def metric_docs():
+    """Every key a line of metrics.jsonl may hold, with its meaning: the loop's, then each reward
+    term's as "<term>/<metric>"."""
+    docs = dict(METRICS)
+    for name, term in rewards.REWARD_TERMS.items():
+        docs.update({f"{name}/{k}": meaning for k, meaning in term.metrics.items()})
+    return docs
+
+
+def modes():
+    """Valid --mode parts: sft alone, or grpo and the reward terms, joined by "+"."""
+    return ("sft", "grpo", *rewards.REWARD_TERMS)
+
+
+def mode_terms(mode):
+    """The reward terms a mode adds, in registry order: "clipo+critic" -> ("critic", "clipo")."""
+    parts = set(mode.split("+"))
+    return tuple(name for name in rewards.REWARD_TERMS if name in parts)
+
+
+@dataclass
+class Run:
+    """Everything a training step reads, built once by build_run (the fields as CleanRL
+    documents its Args). sft.sft_step, rl.rl_step and the reward terms receive it."""
+    args: argparse.Namespace
+    """the flags (parse_args), completed: defaults filled in, --prompt chosen"""
+    rank: int
+    """this process's rank (0 when alone)"""
+    world: int
+    """how many processes train together"""
+    device: torch.device
+    """where the model lives"""
+    tokenizer: object
+    """ours (model.TinyTokenizer) or a transformers tokenizer"""
+    model: torch.nn.Module
+    """the policy: samples, evaluates, is saved"""
+    train_model: torch.nn.Module
+    """the same weights as seen by training forwards (DDP- or compile-wrapped, or the model itself)"""
+    optimizer: torch.optim.Optimizer
+    """AdamW over the policy's weights"""
+    terms: tuple
+    """the reward terms of the mode (rewards.REWARD_TERMS keys), e.g. ("critic", "clipo")"""
+    style: str
+    """prompt style: "bare" (the tiny model) or "longproc" (chat models)"""
+    max_new_tokens: int
+    """rollout and evaluation budget"""
+    exclude: frozenset
+    """problem keys training never draws (held-out stream, LongProc's test split)"""
+    bf16: bool
+    """bf16 autocast in forwards (on CUDA with --bf16)"""
+    ref_model: torch.nn.Module = None
+    """frozen reference for the KL term (only with --kl-coef > 0)"""
+    critic: "critic.Critic" = None
+    """the contrastive critic (mode "critic")"""
+    clipo: "clipo.ClipoModule" = None
+    """CLIPO's head and its optimizer (mode "clipo")"""
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", default="grpo", help=f"one of {', '.join(MODES)}; RL modes combine, e.g. clipo+critic")
+    ap.add_argument("--mode", default="grpo", help=f"one of {', '.join(modes())}; RL modes combine, e.g. clipo+critic")
     ap.add_argument("--model", help=f"model directory or hub name (RL default: {DEFAULT_MODEL}; SFT: a new tiny model)")
     ap.add_argument("--out", help="run directory (default runs/<mode>)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -127,9 +181,9 @@ def parse_args(argv=None):
 def check_args(args, world):
     """Every error a user can make, as one line, before any model is loaded."""
     problems = []
-    parts = mode_parts(args.mode)
-    if not parts <= set(MODES) or ("sft" in parts and len(parts) > 1):
-        problems.append(f"unknown --mode {args.mode!r}: expected one of {', '.join(MODES)} (RL modes joined by +)")
+    parts = set(args.mode.split("+"))
+    if not parts <= set(modes()) or ("sft" in parts and len(parts) > 1):
+        problems.append(f"unknown --mode {args.mode!r}: expected one of {', '.join(modes())} (RL modes joined by +)")
     if {"critic", "oracle"} <= parts:
         problems.append("--mode: critic and oracle are two sources of the same reward; choose one")
     if args.mode != "sft":
@@ -140,6 +194,9 @@ def check_args(args, world):
         elif (args.prompts_per_step // world) % args.minibatches:
             problems.append(f"{args.prompts_per_step // world} prompts per process do not split into "
                             f"--minibatches {args.minibatches}")
+        if args.ratio == "geometric" and parts & {"critic", "oracle"} and args.critic_credit == "process":
+            problems.append("--ratio geometric (GMPO) needs one advantage per sequence, but --critic-credit "
+                            "process gives per-token advantages: use sequence credit or another --ratio")
     elif args.batch_size % world:
         problems.append(f"--batch-size {args.batch_size} does not divide by the {world} processes")
     state = os.path.join(args.out, "model", "trainer_state.pt")
@@ -154,41 +211,6 @@ def check_args(args, world):
             problems.append(str(e))
     if problems:
         sys.exit("error: " + problems[0])
-
-
-def mode_parts(mode):
-    return set(mode.split("+"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints and logs
-
-def save_checkpoint(run_dir, model, tokenizer, optimizer, step, finished=False, extra=None):
-    """Atomically replace run_dir/model: write a temp dir, then rename over the old one."""
-    final, tmp = os.path.join(run_dir, "model"), os.path.join(run_dir, "model.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
-    torch.save({"step": step, "finished": finished, "optimizer": optimizer.state_dict(), "extra": extra or {}},
-               os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(final):
-        os.replace(final, final + ".old")
-    os.replace(tmp, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
-
-
-def append_metrics(run_dir, row):
-    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def truncate_metrics(run_dir, step):
-    """On resume: drop the lines a stopped run wrote after its last checkpoint."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(rows)
 
 
 class StopRequest:
@@ -214,11 +236,11 @@ def learning_rate(args, step):
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-def heldout_success(args, ctx, heldout):
+def heldout_success(run, heldout):
     """Greedy success on the held-out problems; every process evaluates its share."""
-    share = heldout[ctx["rank"]::ctx["world"]]
-    metrics = evaluate(ctx["model"], ctx["tokenizer"], share, style=args.prompt, max_new_tokens=ctx["max_new_tokens"])
-    solved, total = all_reduce([metrics["success_rate"] * len(share), len(share)], ctx["world"])
+    share = heldout[run.rank::run.world]
+    metrics = evaluate(run.model, run.tokenizer, share, style=run.style, max_new_tokens=run.max_new_tokens)
+    solved, total = all_reduce([metrics["success_rate"] * len(share), len(share)], run.world)
     return solved / total
 
 
@@ -235,13 +257,12 @@ def load_critic(args, rank, world):
 
 
 def warm_start_ready():
-    state = os.path.join(DEFAULT_MODEL, "trainer_state.pt")
-    return os.path.exists(state) and torch.load(state, weights_only=True)["finished"]
+    run_dir = os.path.dirname(DEFAULT_MODEL)
+    return os.path.exists(os.path.join(DEFAULT_MODEL, "trainer_state.pt")) and load_state(run_dir)["finished"]
 
 
-def run(args, rank, world, device):
-    if device.type == "cpu":
-        cpu_threads(world)
+def build_run(args, rank, world, device):
+    """The Run of these flags, and the step it starts at (> 0 when resuming)."""
     resume = os.path.join(args.out, "model")
     source = resume if args.resume else (args.model or (None if args.mode == "sft" else DEFAULT_MODEL))
     tokenizer = load_tokenizer(source) if source else TinyTokenizer()
@@ -253,43 +274,48 @@ def run(args, rank, world, device):
     if args.compile:
         train_model = torch.compile(train_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        state = torch.load(os.path.join(resume, "trainer_state.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-    ref_model = None
+    terms = mode_terms(args.mode)
+    run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model,
+              train_model=train_model, optimizer=optimizer, terms=terms, style=args.prompt,
+              max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.prompt),
+              exclude=countdown.never_train_on(args.preset), bf16=args.bf16 and device.type == "cuda")
     if args.kl_coef > 0 and args.mode != "sft":  # the frozen reference exists only when it is used
-        ref_model = load_model(args.model or DEFAULT_MODEL, device=device).eval().requires_grad_(False)
-    parts = mode_parts(args.mode)
-    scorer = load_critic(args, rank, world) if "critic" in parts else None
-    head = None
-    if "clipo" in parts:
+        run.ref_model = load_model(args.model or DEFAULT_MODEL, device=device).eval().requires_grad_(False)
+    if "critic" in terms:
+        run.critic = load_critic(args, rank, world)
+    if "clipo" in terms:
         torch.manual_seed(seed_for(args.seed, "clipo-init"))
-        head = clipo.ClipoModule(model.config.get_text_config().hidden_size, dim=args.clipo_dim, kind=args.clipo_kind,
-                                 temperature=args.clipo_tau, lam=args.clipo_lambda, floor=args.clipo_floor,
-                                 lr=args.clipo_lr, device=device)
-    extra = state["extra"] if args.resume else {}
-    if scorer is not None and "critic" in extra:
-        scorer.load_state_dict(extra["critic"])
-    if head is not None and "clipo" in extra:
-        head.load_state_dict(extra["clipo"])
-    bf16 = args.bf16 and device.type == "cuda"
-    ctx = {"rank": rank, "world": world, "device": device, "tokenizer": tokenizer, "model": model,
-           "train_model": train_model, "optimizer": optimizer, "ref_model": ref_model, "style": args.prompt,
-           "critic": scorer, "clipo": head,
-           "max_new_tokens": args.max_new_tokens or default_max_new_tokens(args.prompt),
-           "exclude": countdown.never_train_on(args.preset),
-           "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)}
+        run.clipo = clipo.ClipoModule(model.config.get_text_config().hidden_size, dim=args.clipo_dim,
+                                      kind=args.clipo_kind, temperature=args.clipo_tau, lam=args.clipo_lambda,
+                                      floor=args.clipo_floor, lr=args.clipo_lr, device=device)
+    if not args.resume:
+        return run, 0
+    state = load_state(args.out)
+    optimizer.load_state_dict(state["optimizer"])
+    for name, module in trained_modules(run).items():
+        if name in state["modules"]:
+            module.load_state_dict(state["modules"][name])
+    return run, state["step"]
+
+
+def trained_modules(run):
+    """The run's trained parts besides the policy, saved in and restored from checkpoints."""
+    return {name: module for name, module in (("critic", run.critic), ("clipo", run.clipo)) if module is not None}
+
+
+def train(args, rank, world, device):
+    """Build the run, then its steps from where it stands; True when stopped by Ctrl-C."""
+    if device.type == "cpu":
+        cpu_threads(world)
+    run, start = build_run(args, rank, world, device)
     heldout = countdown.heldout_problems(args.eval_problems, args.preset)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         truncate_metrics(args.out, start)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        write_args(args.out, args)
     step_fn = sft.sft_step if args.mode == "sft" else rl.rl_step
     if start == 0 and args.mode != "sft":  # where RL starts from: step 0 of the curves
-        row = {"step": 0, "heldout/success_rate": heldout_success(args, ctx, heldout)}
+        row = {"step": 0, "heldout/success_rate": heldout_success(run, heldout)}
         if rank == 0:
             append_metrics(args.out, row)
     stop = StopRequest()
@@ -297,26 +323,25 @@ def run(args, rank, world, device):
     step = start
     for step in bar:
         lr = learning_rate(args, step)
-        for group in optimizer.param_groups:
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(seed_for(args.seed, "torch", step, rank))
-        row = {"step": step + 1, "lr": lr, **step_fn(args, step, ctx)}
+        row = {"step": step + 1, "lr": lr, **step_fn(run, step)}
         done = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or done:
-            row["heldout/success_rate"] = heldout_success(args, ctx, heldout)
+            row["heldout/success_rate"] = heldout_success(run, heldout)
         if rank == 0:
             append_metrics(args.out, row)
             bar.set_postfix({k: round(row[k], 3) for k in ("loss", "reward_mean", "success_rate",
                                                           "heldout/success_rate") if k in row})
             if (step + 1) % args.save_every == 0 or done or stop.requested:
-                extra = {"critic": scorer.state_dict() if scorer else None, "clipo": head.state_dict() if head else None}
-                save_checkpoint(args.out, model, tokenizer, optimizer, step + 1, finished=done,
-                                extra={k: v for k, v in extra.items() if v is not None})
+                save_checkpoint(args.out, run.model, run.tokenizer, run.optimizer, step + 1, finished=done,
+                                modules={name: m.state_dict() for name, m in trained_modules(run).items()})
         if stop.requested:
             break
     bar.close()
     if rank == 0:
-        print(f"{args.mode}: {step + 1} steps, checkpoint in {resume}")
+        print(f"{args.mode}: {step + 1} steps, checkpoint in {os.path.join(args.out, 'model')}")
     return stop.requested
 
 
@@ -335,9 +360,9 @@ def main(argv=None):
         sft = parse_args(["--mode", "sft", "--seed", str(args.seed)])
         sft.resume = os.path.exists(os.path.join(sft.out, "model", "trainer_state.pt"))
         check_args(sft, world)
-        if run(sft, rank, world, device):
+        if train(sft, rank, world, device):
             return
-    run(args, rank, world, device)
+    train(args, rank, world, device)
     if world > 1:
         dist.destroy_process_group()
 

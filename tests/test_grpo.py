@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from grpo import group_advantages, policy_loss, sequence_logprobs
+from grpo import group_advantages, normalise_step_rewards, policy_loss, rewards_to_go, sequence_logprobs
 from model import new_tiny_model
 
 torch.manual_seed(0)
@@ -47,7 +47,7 @@ def test_group_advantages_process_credit():
     step_rewards = torch.zeros(N, T)
     for i, t, r in [(0, 3, 0.9), (0, 6, 0.2), (1, 4, 0.5), (2, 2, 0.1), (3, 5, 0.7), (3, 8, 0.7), (5, 1, 0.3)]:
         step_mask[i, t], step_rewards[i, t] = True, r
-    got = group_advantages(rewards, G, step_rewards=step_rewards, step_mask=step_mask)
+    got = group_advantages(rewards, G)[:, None] + rewards_to_go(normalise_step_rewards(step_rewards, step_mask, G))
     for g in range(N // G):
         rows = range(g * G, g * G + G)
         outcome = _ref_norm([rewards[i].item() for i in rows], True, 1e-6)
@@ -69,16 +69,17 @@ def _ref_loss(logp, old, adv, mask, clip_low, clip_high, ratio, agg, ref, kl_coe
     for i in range(N):
         toks = [t for t in range(T) if mask[i, t] > 0]
         n_tokens += len(toks)
-        a = lambda t: adv[i, t] if adv.dim() == 2 else adv[i]  # noqa: E731
+        a = lambda t: adv[i, t]  # noqa: E731
         per = []
         if ratio == "geometric":
+            first = a(toks[0])  # one advantage per sequence: the first response token's
             logs = []
             for t in toks:
                 lr = logp[i, t] - old[i, t]
                 c = torch.clamp(lr, math.log(1 - clip_low), math.log(1 + clip_high))
-                logs.append(torch.minimum(lr, c) if adv[i] > 0 else torch.maximum(lr, c))
+                logs.append(torch.minimum(lr, c) if first > 0 else torch.maximum(lr, c))
             seq_ratio = torch.exp(sum(logs) / len(toks))
-            per = [-(seq_ratio * adv[i]) for _ in toks]
+            per = [-(seq_ratio * first) for _ in toks]
         else:
             if ratio == "sequence":
                 s = torch.exp(sum(logp[i, t] - old[i, t] for t in toks) / len(toks)).detach()
@@ -109,7 +110,8 @@ def test_policy_loss_matches_loop_reference(ratio, agg, kl_coef, token_adv):
     old = -torch.rand(N, T, generator=g, dtype=torch.float64) * 3
     base = old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.3  # ratios inside and outside the clip
     ref = old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.2
-    adv = torch.randn(N, T, generator=g, dtype=torch.float64) if token_adv else torch.randn(N, generator=g, dtype=torch.float64)
+    adv = torch.randn(N, T, generator=g, dtype=torch.float64) if token_adv else \
+        torch.randn(N, generator=g, dtype=torch.float64)[:, None].expand(N, T)
     kw = dict(clip_low=0.2, clip_high=0.28, ratio=ratio, agg=agg, ref_logp=ref, kl_coef=kl_coef)
     a = base.clone().requires_grad_()
     loss, stats = policy_loss(a, old, adv, mask, max_length=12, **kw)
@@ -128,7 +130,7 @@ def test_policy_loss_kl_is_minimised_and_stats():
     old = torch.full((N, T), -1.0)
     ref = torch.full((N, T), -1.0)
     logp = torch.full((N, T), -0.5, requires_grad=True)
-    loss, stats = policy_loss(logp, old, torch.zeros(N), mask, ref_logp=ref, kl_coef=1.0)
+    loss, stats = policy_loss(logp, old, torch.zeros(N, T), mask, ref_logp=ref, kl_coef=1.0)
     loss.backward()
     assert loss > 0 and (logp.grad[mask > 0] > 0).all()  # descent moves logp back toward the reference
     r = math.exp(0.5)
@@ -136,16 +138,22 @@ def test_policy_loss_kl_is_minimised_and_stats():
     assert stats["clip_frac"] == 0  # zero advantage: nothing is clipped
 
 
-def test_policy_loss_num_tokens_and_errors():
+def test_policy_loss_counts_and_errors():
+    """Micro-batches add up to the whole batch when each is divided by the whole batch's count."""
     mask = _mask()
-    logp = -torch.rand(N, T)
-    loss, _ = policy_loss(logp, logp.detach(), torch.ones(N), mask)
-    half, _ = policy_loss(logp, logp.detach(), torch.ones(N), mask, num_tokens=2 * mask.sum())
-    assert torch.allclose(half, loss / 2)
+    g = torch.Generator().manual_seed(2)
+    old = -torch.rand(N, T, generator=g)
+    logp = old + 0.1 * torch.randn(N, T, generator=g)
+    adv = torch.randn(N, generator=g)[:, None].expand(N, T)
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        whole, _ = policy_loss(logp, old, adv, mask, agg=agg, max_length=12)
+        parts = [policy_loss(logp[k:k + 2], old[k:k + 2], adv[k:k + 2], mask[k:k + 2], agg=agg, max_length=12,
+                             num_tokens=mask.sum(), num_sequences=N)[0] for k in range(0, N, 2)]
+        assert torch.allclose(sum(parts), whole, atol=1e-6), agg
+    with pytest.raises(ValueError, match="per token"):
+        policy_loss(logp, old, torch.ones(N), mask)
     with pytest.raises(ValueError):
-        policy_loss(logp, logp, torch.ones(N, T), mask, ratio="geometric")
-    with pytest.raises(ValueError):
-        policy_loss(logp, logp, torch.ones(N), mask, agg="mean")
+        policy_loss(logp, old, adv, mask, agg="mean")
 
 
 def test_sequence_logprobs_against_per_sequence_forward():

@@ -4,7 +4,7 @@ import torch
 
 import countdown
 import rewards
-from grpo import group_advantages
+from grpo import group_advantages, normalise_step_rewards, rewards_to_go
 from model import TinyTokenizer, token_end_offsets
 
 P = countdown.Problem((21, 16, 17, 26), 46)
@@ -68,7 +68,7 @@ def test_process_advantages_by_hand():
     mask = torch.zeros(2, 5, dtype=torch.bool)
     steps[0, 1], steps[0, 3], steps[1, 2] = 1.0, 0.0, 0.5
     mask[0, 1] = mask[0, 3] = mask[1, 2] = True
-    adv = group_advantages(outcome, 2, step_rewards=steps, step_mask=mask, step_weight=0.5)
+    adv = group_advantages(outcome, 2)[:, None] + rewards_to_go(0.5 * normalise_step_rewards(steps, mask, 2))
     a = 0.5 / ((0.5 ** 2 * 2) ** 0.5 + 1e-6)  # outcome: (1 - 0.5) / unbiased std of (1, 0)
     s = 0.5  # steps 1.0, 0.0, 0.5: mean 0.5, unbiased std 0.5
     n1, n2, n3 = (1.0 - 0.5) / (s + 1e-6), (0.0 - 0.5) / (s + 1e-6), (0.5 - 0.5) / (s + 1e-6)

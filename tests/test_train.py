@@ -112,7 +112,7 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     stopped_at = _metrics(out)[-1]["step"]
     assert 1 <= stopped_at < 4
     state = torch.load(out / "model" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == stopped_at and set(state["extra"]) == {"clipo", "critic"} & set(mode.split("+"))
+    assert state["step"] == stopped_at and set(state["modules"]) == {"clipo", "critic"} & set(mode.split("+"))
     again = _run([sys.executable] + _args(setup, out, 4, *extra, "--resume", mode=mode))
     assert again.returncode == 0, again.stderr[-2000:]
     resumed, reference = _metrics(out), _metrics(setup / f"full-{mode}")
@@ -197,3 +197,47 @@ def test_micro_batches_change_nothing_but_speed(setup):
             assert abs(row_a[key] - row_b[key]) <= 1e-5, (key, row_a[key], row_b[key])
     wa, wb = _weights(setup / "micro1"), _weights(setup / "micro64")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+TOY_TERM = f"""
+import sys, zlib
+sys.path.insert(0, {ROOT!r})
+import torch
+import countdown, rewards, train
+countdown.verify = lambda nums, target, text: zlib.crc32(text.encode()) % 3 == 0
+
+@rewards.reward_term("toy", {{"bonus_mean": "0.5 for a rollout of even length, averaged"}})
+def toy(run, rollouts, step):
+    bonus = torch.tensor([0.5 * (len(t) % 2 == 0) for t in rollouts.tokens])
+    return bonus, None, {{"bonus_mean": bonus.mean().item()}}
+
+if __name__ == "__main__":
+    assert train.metric_docs()["toy/bonus_mean"].startswith("0.5 for")
+    train.main(sys.argv[1:])
+"""
+
+
+def test_a_reward_term_added_through_the_registry_reaches_rewards_and_metrics(setup):
+    (setup / "toy_runner.py").write_text(TOY_TERM)
+    out = setup / "toy"
+    result = _run([sys.executable, str(setup / "toy_runner.py")] + _args(setup, out, 2, mode="toy")[1:])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in _metrics(out)[1:]:
+        assert 0 < row["toy/bonus_mean"] < 0.5
+        # the bonus joined each rollout's reward: reward = outcome + 0.1 x format + bonus
+        assert row["reward_mean"] == pytest.approx(row["success_rate"] + 0.1 * row["format_rate"]
+                                                   + row["toy/bonus_mean"], abs=1e-6)
+
+
+def test_every_metric_is_documented_in_readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    missing = [key for key in train.metric_docs() if f"| `{key}` |" not in readme]
+    assert not missing, f"README's metrics table lacks {missing}"
+
+
+def test_gmpo_with_per_token_credit_is_one_clear_error(tmp_path):
+    args = train.parse_args(["--out", str(tmp_path / "r"), "--mode", "oracle", "--critic-credit", "process",
+                             "--ratio", "geometric"])
+    with pytest.raises(SystemExit, match="one advantage per sequence"):
+        train.check_args(args, world=1)

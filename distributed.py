@@ -1,18 +1,31 @@
-"""Processes: torchrun or our own launcher, collectives, threads per phase, seeds.
+"""Processes: torchrun or our own launcher, collectives, sharding (FSDP2), stopping together,
+threads, seeds.
 
     torchrun --nproc_per_node=8 train.py ...   # NCCL on GPUs
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 train.py ...
     python train.py ...                         # on CPU: one process per core (gloo), via launch()
 
 Everything also runs as a single process (world = 1): then no process group exists and the
 collectives below return their input.
+
+    shard(policy, layers, bf16)            # FSDP2: each decoder layer, then the root
+    with gradient_sync(train_model, last): # accumulate micro-batches, reduce on the last
+    weights, optim = full_state(model, optimizer, sharded)   # for a checkpoint (collective)
 Imports: torch.
 """
 import os
 import signal
 import socket
+import sys
+import time
+
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 def setup_distributed():
@@ -28,12 +41,51 @@ def setup_distributed():
     return rank, world, device
 
 
-def cpu_threads(world):
-    """Share the cores among the processes. Measured on our 2-core VMs (bench/threads.py), the
-    tiny model's training step runs 1.7-1.9x faster on 2 threads than on 1, its decode step
-    1.05-1.4x: no phase loses from more threads, so every phase uses the process's share.
-    Two processes x 1 thread (launch()) beat one x 2 on rollouts: their decodes run side by side."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def cpu_threads(device):
+    """On CPU, share this machine's cores among its processes (LOCAL_WORLD_SIZE: a node's, not
+    the whole job's). Measured on our 2-core VMs (bench/threads.py), the tiny model's training
+    step runs 1.7-1.9x faster on 2 threads than on 1, its decode step 1.05-1.4x: no phase loses
+    from more threads, so every phase uses the process's share. Two processes x 1 thread
+    (launch()) beat one x 2 on rollouts: their decodes run side by side."""
+    if device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def shard(root, layers, bf16):
+    """FSDP2: shard each decoder layer, then the root (embeddings, final norm, LM head). Weights
+    and AdamW state stay fp32 and sharded; with bf16, forwards and backwards compute in bf16 and
+    gradients are reduced in fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+
+
+def gradient_sync(model, enabled):
+    """A context for one micro-batch's backward: under DDP, enabled=False keeps the gradients
+    local (no_sync), so only the minibatch's last micro-batch all-reduces. FSDP2 reduce-scatters
+    every micro-batch: its gradients then accumulate as fp32 shards (skipping the sync would keep
+    whole bf16 gradients instead: more memory, less precision)."""
+    if enabled or not hasattr(model, "no_sync"):  # DDP, compiled or not
+        return nullcontext()
+    return model.no_sync()
+
+
+def full_state(model, optimizer, sharded):
+    """(weights, optimizer state) for a checkpoint: weights None unless sharded (then gathered,
+    like the optimizer state, to rank 0's CPU; other ranks get empty dicts). Every rank calls
+    this. The optimizer state is keyed by parameter name, so it loads on any number of ranks."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options) if sharded else None
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state, world):
+    """The inverse of full_state's optimizer part, onto this rank's (possibly sharded) weights."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
 
 
 def seed_for(*parts):
@@ -57,16 +109,50 @@ def all_reduce(values, world, op="sum"):
     return t.tolist()
 
 
+class StopRequest:
+    """Ctrl-C or SIGTERM (what torchrun and schedulers send): finish the step, save, exit 0.
+    A second signal more than a second later exits at once (torchrun forwards a Ctrl-C that the
+    workers also got from the terminal: those two count as one)."""
+
+    def __init__(self):
+        self.requested_at = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _):
+        if self.requested_at is not None:
+            if time.monotonic() - self.requested_at > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.requested_at = time.monotonic()
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, then saving (again to quit without saving)", file=sys.stderr)
+
+    def agreed(self, world):
+        """Whether any process was asked to stop: one tiny collective a step, so all ranks stop
+        after the same step (one rank leaving alone would hang the others in a collective)."""
+        return all_reduce([float(self.requested_at is not None)], world, "max")[0] > 0
+
+
 def _worker(local_rank, entry, argv, procs, port):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(procs),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     entry(argv)
 
 
 def launch(entry, argv, procs):
-    """Run entry(argv) in `procs` processes on this machine, with the environment torchrun sets."""
+    """Run entry(argv) in `procs` processes on this machine, with the environment torchrun sets.
+    Ctrl-C reaches the workers from the terminal; a SIGTERM to this process is passed on."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers, which save and exit
-    torch.multiprocessing.spawn(_worker, args=(entry, argv, procs, port), nprocs=procs, join=True)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    context = torch.multiprocessing.spawn(_worker, args=(entry, argv, procs, port), nprocs=procs, join=False)
+
+    def forward(signum, _):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+    signal.signal(signal.SIGTERM, forward)
+    while not context.join():
+        pass

@@ -1,6 +1,8 @@
-"""Evaluate models on Countdown, and plot training curves.
+"""Evaluate models on Countdown, with 95% intervals, and plot training curves.
 
-    python eval.py --model runs/tiny-sft                        # 200 held-out procedural problems
+    python eval.py --model runs/tiny-sft                        # 1,000 held-out problems, latest checkpoint
+    python eval.py --model runs/tiny-sft --model runs/grpo      # and B - A on the same problems, paired
+    python eval.py --model Qwen/Qwen2.5-1.5B-Instruct --data ../shared/longproc/countdown_0.5k.json
     python eval.py --model runs/tiny-sft --data ../shared/longproc/countdown_0.5k.json
     python eval.py --model A --model B --samples 8 --temperature 1.0 --json out.json
     python eval.py --plot runs/grpo/metrics.jsonl runs/clipo/metrics.jsonl --out curves.png
@@ -9,10 +11,17 @@ Per model: success rate (pass@1, the mean over all samples), pass@k (k = --sampl
 counts when any sample solves it), format-error rate (no parsable <Solution> block), mean
 response length in tokens, sampled tokens/s. The built-in tiny model gets the bare prompt and
 writes the compact trace; other models get the "longproc" prompt through their chat template.
-`evaluate()` is what train.py calls for its periodic held-out evaluation.
+`evaluate()` is what train.py calls for its periodic held-out evaluation. On a GPU the model is
+loaded there in bf16 (`--fp32` to keep fp32); on CPU in fp32 (`--bf16` to use bf16 there too).
+
+Intervals: a success rate over n problems carries a 95% Wilson interval (`wilson`); two models
+on the same problems are compared by the per-problem differences, mean +- 1.96 standard
+errors (`paired_difference`: the paired interval, much narrower than two separate ones when the
+models agree on most problems); `seed_interval` is a t interval over seeds (bench/rl_modes.py).
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -21,10 +30,48 @@ import torch
 from tqdm import tqdm
 
 import countdown
-from model import TinyTokenizer, check_model_path, encode_prompt, load_model, load_tokenizer
+from checkpoint import check_model_dir
+from model import TinyTokenizer, encode_prompt, eos_token_ids, load_model, load_tokenizer
 from sample import sample
 
 KEYS = ("success_rate", "pass_at_k", "format_error_rate", "mean_length", "tokens_per_s")
+Z95 = 1.959964
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t_0.975, dof
+
+
+def wilson(successes, n, z=Z95):
+    """95% Wilson score interval (lo, hi) of a success rate successes / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(a, b, z=Z95):
+    """B - A from per-problem scores of the same problems (0/1, or a mean over samples):
+    (mean difference, lo, hi), a normal interval on the per-problem differences."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired comparison needs the same problems: {len(a)} vs {len(b)} scores")
+    d = [y - x for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1))
+    return mean, mean - z * sd / math.sqrt(len(d)), mean + z * sd / math.sqrt(len(d))
+
+
+def seed_interval(values):
+    """(mean, lo, hi): a 95% t interval over seeds (a single seed: no interval)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    half = T95.get(len(values) - 1, Z95) * sd / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def percent_interval(rate, lo, hi):
+    return f"{100 * rate:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def default_style(tokenizer):
@@ -39,8 +86,9 @@ def default_max_new_tokens(style):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, *, samples=1, temperature=0.0, style=None, max_new_tokens=None,
-             batch_size=64, seed=0, progress=False):
-    """Metrics (KEYS) of `model` on `problems`, `samples` completions each."""
+             batch_size=64, seed=0, progress=False, eos_token_id=None):
+    """Metrics (KEYS) of `model` on `problems`, `samples` completions each, and "solved": each
+    problem's success rate over its samples (for intervals and paired comparisons)."""
     style = style or default_style(tokenizer)
     max_new_tokens = max_new_tokens or default_max_new_tokens(style)
     was_training = model.training
@@ -54,7 +102,7 @@ def evaluate(model, tokenizer, problems, *, samples=1, temperature=0.0, style=No
         prompts = [encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc") for p in chunk]
         t = time.perf_counter()
         out = sample(model, prompts, max_new_tokens, temperature=temperature, num_samples=samples,
-                     eos_token_id=tokenizer.eos_token_id, stop="</Solution>", tokenizer=tokenizer,
+                     eos_token_id=eos_token_id or eos_token_ids(model, tokenizer), stop="</Solution>", tokenizer=tokenizer,
                      generator=generator, pad_token_id=tokenizer.pad_token_id)
         seconds += time.perf_counter() - t
         for k, tokens in enumerate(out.tokens):
@@ -66,6 +114,7 @@ def evaluate(model, tokenizer, problems, *, samples=1, temperature=0.0, style=No
     model.train(was_training)
     by_problem = [any(solved[i:i + samples]) for i in range(0, len(solved), samples)]
     return {"success_rate": sum(solved) / len(solved), "pass_at_k": sum(by_problem) / len(by_problem),
+            "solved": [sum(solved[i:i + samples]) / samples for i in range(0, len(solved), samples)],
             "format_error_rate": 1 - sum(formatted) / len(formatted), "mean_length": sum(lengths) / len(lengths),
             "tokens_per_s": sum(lengths) / max(seconds, 1e-9)}
 
@@ -112,13 +161,16 @@ def main():
     ap.add_argument("--model", action="append", help="a model directory or hub name; repeat for a side-by-side table")
     data = ap.add_mutually_exclusive_group()
     data.add_argument("--data", help="problems: LongProc JSON or our JSONL")
-    data.add_argument("--procedural", type=int, default=200, help="N held-out procedural problems (default)")
+    data.add_argument("--procedural", type=int, default=1000, help="N held-out procedural problems (default)")
     ap.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny", help="distribution of --procedural")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--json", help="write the metrics of every model here")
+    precision = ap.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bf16 weights on CPU too (default on a GPU)")
+    precision.add_argument("--fp32", action="store_true", help="fp32 weights on a GPU too (default on CPU)")
     ap.add_argument("--plot", nargs="+", metavar="METRICS_JSONL", help="plot training curves instead")
     ap.add_argument("--out", default="curves.png", help="PNG file for --plot")
     args = ap.parse_args()
@@ -129,21 +181,34 @@ def main():
     if args.samples < 1 or (args.samples > 1 and args.temperature == 0):
         ap.error("--samples K > 1 needs --temperature > 0 (greedy samples are all the same)")
     try:
-        for path in args.model:
-            check_model_path(path)
+        args.model = [check_model_dir(path) for path in args.model]
         problems = countdown.load_problems(args.data) if args.data else countdown.heldout_problems(args.procedural, args.preset)
     except ValueError as e:
         ap.error(str(e))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.bf16 or (device.type == "cuda" and not args.fp32) else torch.float32
     results = {}
     for path in args.model:
-        results[path] = evaluate(load_model(path), load_tokenizer(path), problems, samples=args.samples,
+        try:
+            model, tokenizer = load_model(path, dtype=dtype, device=device), load_tokenizer(path)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        results[path] = evaluate(model, tokenizer, problems, samples=args.samples,
                                  temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                                  batch_size=args.batch_size, progress=True)
     source = args.data or f"{args.procedural} held-out procedural problems"
-    print(f"{source}, {args.samples} sample(s) each, temperature {args.temperature}\n")
+    print(f"{source}, {args.samples} sample(s) each, temperature {args.temperature}, {dtype} on {device}\n")
     print("| metric | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
-    for key in KEYS:
+    n = len(problems) * args.samples
+    print("| success_rate [95% Wilson] | " + " | ".join(
+        percent_interval(r["success_rate"], *wilson(round(r["success_rate"] * n), n)) for r in results.values()) + " |")
+    for key in KEYS[1:]:
         print(f"| {key.replace('_at_k', f'@{args.samples}')} | " + " | ".join(f"{r[key]:.3f}" for r in results.values()) + " |")
+    first, *others = results
+    for path in others:
+        mean, lo, hi = paired_difference(results[first]["solved"], results[path]["solved"])
+        print(f"\n{path} - {first}: {100 * mean:+.1f} points, paired 95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+              f" ({len(problems)} problems)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

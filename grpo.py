@@ -10,13 +10,24 @@ A loss variant is a new name in RATIOS or AGGREGATIONS and its branch in policy_
 offers every name as a --ratio / --agg choice, and tests/test_grpo.py checks each against a loop.
 
 Shapes: N rollouts (G consecutive rows per prompt) x T token positions; `mask` marks the
-response tokens. No host syncs: stats come back as 0-dim tensors for the caller to gather.
-Imports: torch only.
+response tokens. No host syncs: stats come back as 0-dim tensors for the caller to gather
+(the shared-prompt forward reads back one flag: do a group's rows share their prompt?).
+Memory: logits exist only for response positions, a chunk at a time (LOGIT_CHUNK_BYTES), and are
+recomputed in backward: a 151,936-token vocabulary costs no [rows, T, vocab] tensor
+(`python bench/logprobs.py` measures it against the plain formulation).
+Shared prompts: with `groups` (rows with equal values share their prompt columns), each prompt
+runs through the decoder once and its rows' responses attend to its keys/values (gradients flow
+back through them): the same log-probs and gradients, ~2x less work at LongProc's sizes
+(`python bench/shared_prompt.py`; tests/test_shared_prompt.py checks values and gradients).
+Imports: torch, transformers (its Cache interface, for the shared-prompt forward).
 """
 import math
+import warnings
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 RATIOS = ("token", "sequence", "geometric")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -125,29 +136,201 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
 
 
 class LogProbs(NamedTuple):
-    logp: torch.Tensor               # [N, T]: log-prob of input_ids[:, t] given the tokens before (0 at t=0)
-    entropy: torch.Tensor = None     # [N, T]: entropy of the predictive distribution of position t
+    logp: torch.Tensor               # [N, T]: log-prob of input_ids[:, t] given the tokens before (0 off the response)
+    entropy: torch.Tensor = None     # [N, T]: entropy of the predictive distribution at response token t
     hidden: torch.Tensor = None      # [N, T, H]: final (post-norm) hidden states, fp32
 
 
-def sequence_logprobs(model, input_ids, attention_mask, response_mask=None, *, entropy=False, hidden=False):
-    """One forward pass: log-probs of the taken tokens (logit gathered minus logsumexp; no
-    full log-softmax is kept), optionally entropies and the final hidden states (for CLIPO)."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=hidden, use_cache=False)
-    logits = out.logits[:, :-1].float()
+LOGIT_CHUNK_BYTES = 1 << 28  # fp32 logits of at most this size exist at once (256 MiB), in forward and backward
+
+
+def _chunk_logprobs(head, hidden, targets, entropy):
+    """Log-probs of `targets` [N, C] from hidden states [N, C, H] through the LM head (fp32
+    logsumexp), and the entropies (no grad) when asked."""
+    logits = head(hidden).float()
     lse = logits.logsumexp(-1)
-    taken = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - lse
-    logp = torch.nn.functional.pad(taken, (1, 0))
-    ent = None
-    if entropy:
-        with torch.no_grad():
-            probs = (logits - lse[..., None]).exp()
-            ent = torch.nn.functional.pad(lse - (probs * logits).sum(-1), (1, 0))
-    if response_mask is not None:
-        logp = logp * response_mask
-    return LogProbs(logp, ent, out.hidden_states[-1].float() if hidden else None)
+    taken = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
+    if not entropy:
+        return taken, None
+    with torch.no_grad():
+        return taken, lse - (logits.softmax(-1) * logits).sum(-1)
+
+
+def head_logprobs(head, hidden, targets, entropy=False):
+    """The LM head over hidden states [N, R, H], a chunk of positions at a time: log-probs of
+    `targets` [N, R] (and entropies). With gradients on, each chunk's logits are recomputed in
+    backward instead of kept (torch.utils.checkpoint), so no [N, R, vocab] tensor ever exists."""
+    rows, length = targets.shape
+    chunk = max(1, LOGIT_CHUNK_BYTES // (4 * rows * head.out_features))
+    taken, entropies = [], []
+    for a in range(0, length, chunk):
+        args = (head, hidden[:, a:a + chunk], targets[:, a:a + chunk], entropy)
+        if torch.is_grad_enabled():
+            t, e = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            t, e = _chunk_logprobs(*args)
+        taken.append(t)
+        entropies.append(e)
+    return torch.cat(taken, 1), (torch.cat(entropies, 1) if entropy else None)
+
+
+SHARED_PROMPT_MODELS = ("qwen2", "qwen3", "llama")  # model types tests/test_shared_prompt.py checks exact
+
+
+class _RecordingLayer(DynamicLayer):
+    """Prompt pass, one layer's cache: keeps the keys/values it is given, autograd history
+    included (the response pass's gradients reach the prompt through them), and reports no past
+    (the prompt's mask is its own). A checkpoint replay in backward overwrites them with equal
+    ones, read by no one: harmless."""
+
+    def update(self, keys, values, *args, **kwargs):
+        self.keys, self.values, self.is_initialized = keys, values, True
+        return keys, values
+
+    def get_seq_length(self):
+        return 0
+
+
+class _PrefixLayer(DynamicLayer):
+    """Response pass, one layer's cache: each row's prompt keys/values in front of its own new
+    ones. Stores nothing, so a checkpoint replay computes the same; `read` records that the
+    layer used it (a layer that drops its cache would silently attend to the response alone)."""
+
+    def __init__(self, keys, values):
+        super().__init__()
+        self.keys, self.values, self.is_initialized, self.read = keys, values, True, False
+
+    def update(self, keys, values, *args, **kwargs):
+        self.read = True
+        return torch.cat([self.keys, keys], -2), torch.cat([self.values, values], -2)
+
+
+@contextmanager
+def _cache_kept_under_checkpointing(layers):
+    """transformers drops `past_key_values` inside a checkpointed decoder layer unless the layer
+    says a replay may read the cache again (`_can_checkpoint_with_cache`). Both caches above
+    replay safely, so the flag is set on these layer instances for one forward only (a replay
+    in backward runs with its arguments already bound)."""
+    before = [vars(layer).get("_can_checkpoint_with_cache") for layer in layers]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, before):
+            if flag is None:
+                del layer._can_checkpoint_with_cache
+            else:
+                layer._can_checkpoint_with_cache = flag
+
+
+def can_share_prompts(lm):
+    """Whether the shared-prompt forward is exact for this LM: a tested model type, full
+    attention in every layer (a sliding window would need the prompt's keys cut per row)."""
+    config = lm.config
+    return config.model_type in SHARED_PROMPT_MODELS and all(
+        kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
+
+
+def _shared_prompt_states(decoder, input_ids, attention_mask, position_ids, start, groups):
+    """The decoder's final states with each group's prompt run once. Prompt pass: the P distinct
+    prompts (columns [:start], left-padded as they are), their layers' keys/values recorded.
+    Response pass: the M rows' columns [start:], each attending to its prompt's keys/values
+    (the cache reports `start` past columns, so transformers builds the causal mask with that
+    offset from the rows' own 2D mask). Returns (prompt states [P, start, H], each row's prompt
+    [M], response states [M, T - start, H]), or None when that would not be exact or gains
+    nothing (the caller then runs the plain forward)."""
+    unique, inverse = torch.unique(torch.as_tensor(groups), return_inverse=True)  # on the CPU: no device sync
+    rows = len(inverse)
+    if len(unique) == rows:  # no prompt is shared: two passes would only cost more
+        return None
+    inverse = inverse.to(input_ids.device)
+    first = torch.full((len(unique),), rows, device=input_ids.device).scatter_reduce(
+        0, inverse, torch.arange(rows, device=input_ids.device), "amin")  # each prompt's first row
+    prompt_ids, prompt_mask = input_ids[first, :start], attention_mask[first, :start]
+    same = ((prompt_ids[inverse] == input_ids[:, :start]).all()
+            & (prompt_mask[inverse] == attention_mask[:, :start]).all())
+    if not same:  # a host sync, once per forward
+        raise ValueError("rows with equal `groups` must have equal prompt columns [:start] (ids and attention mask)")
+    layers = decoder.layers
+    recorded = Cache(layers=[_RecordingLayer() for _ in layers])
+    with _cache_kept_under_checkpointing(layers):
+        prompt_states = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                position_ids=position_ids[first, :start], past_key_values=recorded,
+                                use_cache=False).last_hidden_state
+        kept = all(layer.is_initialized for layer in recorded.layers)
+        # reentrant checkpointing runs layers without autograd: their keys would carry no gradient
+        if not kept or (prompt_states.requires_grad and not any(layer.keys.requires_grad for layer in recorded.layers)):
+            warnings.warn("shared-prompt forward: the decoder did not keep the prompt's keys/values with their "
+                          "gradients (reentrant checkpointing?); running the plain forward instead")
+            return None
+        prefix = Cache(layers=[_PrefixLayer(layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse))
+                               for layer in recorded.layers])
+        response_states = decoder(input_ids=input_ids[:, start:], attention_mask=attention_mask,
+                                  position_ids=position_ids[:, start:], past_key_values=prefix,
+                                  use_cache=False).last_hidden_state
+    if not all(layer.read for layer in prefix.layers):
+        warnings.warn("shared-prompt forward: a decoder layer did not read the prompt's keys/values; "
+                      "running the plain forward instead")
+        return None
+    return prompt_states, inverse, response_states
+
+
+class TokenLogProbs(torch.nn.Module):
+    """A causal LM whose forward returns LogProbs of the response tokens (columns from `start`
+    on): the decoder's final hidden states, then the LM head on response positions only, in
+    chunks (head_logprobs). Wrap this module, not the bare LM, in DDP / FSDP / torch.compile:
+    the whole computation is then one forward. Works for LMs whose logits are the output
+    embeddings applied to the final hidden states (Qwen2, Llama, Mistral, ...).
+
+    groups: None, or M integers (a list or a CPU tensor: no device sync), rows with equal values
+    having equal prompt columns [:start] (checked: ValueError); each such prompt then runs
+    through the decoder once (_shared_prompt_states). The plain forward runs instead, with the
+    same results, when can_share_prompts(lm) is False, when no two rows share a prompt, or
+    when the decoder would not keep the caches (warned)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, response_mask, start, entropy=False, hidden=False, groups=None):
+        decoder = self.lm.get_decoder()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        shared = None
+        if groups is not None and can_share_prompts(self.lm):
+            shared = _shared_prompt_states(decoder, input_ids, attention_mask, position_ids, start, groups)
+        if shared is None:
+            states = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+        else:
+            prompt_states, inverse, response_states = shared
+            # the head needs only the prompt's last state (it predicts the first response token);
+            # CLIPO's hidden output gets every column, like the plain forward
+            before = prompt_states[inverse] if hidden else prompt_states[:, -1:][inverse]
+            states = torch.cat([before, response_states], 1)
+        offset = input_ids.shape[1] - states.shape[1]  # the column of states[:, 0]
+        # position t - 1 predicts token t: the response tokens start..T-1 need states start-1..T-2
+        logp, ent = head_logprobs(self.lm.get_output_embeddings(), states[:, start - 1 - offset:-1],
+                                  input_ids[:, start:], entropy)
+        logp = torch.nn.functional.pad(logp, (start, 0)) * response_mask
+        ent = torch.nn.functional.pad(ent, (start, 0)) if entropy else None
+        return LogProbs(logp, ent, states.float() if hidden else None)
+
+
+def sequence_logprobs(model, input_ids, attention_mask, response_mask, *, start=None, entropy=False, hidden=False,
+                      groups=None):
+    """One forward pass: log-probs of the taken response tokens [N, T] (logit gathered minus
+    logsumexp, logits only where a response token is predicted), optionally entropies and the
+    final hidden states (for CLIPO). `model`: a TokenLogProbs (bare or wrapped by DDP, FSDP or
+    torch.compile), or a bare causal LM. `start`: the first response column (every row's
+    response starts there or later); derived from the mask when not given (one host sync).
+    `groups`: [N] prompt ids, rows with equal ids running their shared prompt once (see
+    TokenLogProbs); None runs every row's prompt."""
+    if start is None:
+        start = int(response_mask.any(0).to(torch.int8).argmax())
+    if hasattr(model, "get_output_embeddings"):  # a bare LM
+        model = TokenLogProbs(model)
+    return model(input_ids, attention_mask, response_mask, max(1, start), entropy=entropy, hidden=hidden, groups=groups)
 
 
 def pack_rollouts(prompts, responses, pad_id, device):

@@ -17,6 +17,7 @@ import re
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.disable_progress_bar()  # our own bars are enough; save_pretrained's is noise
@@ -84,35 +85,69 @@ def new_tiny_model(seed=0, vocab_size=None, layers=4, hidden=128, heads=4, max_p
     return Qwen2ForCausalLM(config)
 
 
-def _is_local(path):
-    return os.path.sep in str(path) or str(path).startswith(".") or os.path.exists(path)
+def is_local(path):
+    """A model path is a local directory when it exists or is written like one (./, /, ~);
+    anything else is a hub name such as Qwen/Qwen2.5-1.5B-Instruct."""
+    return os.path.exists(path) or str(path).startswith((".", "/", "~"))
 
 
 def check_model_path(path):
-    """Raise a one-line ValueError when `path` looks local but holds no model (before any loading)."""
-    if _is_local(path) and not os.path.isfile(os.path.join(path, "config.json")):
+    """Raise a one-line ValueError when `path` is local but holds no model (before any loading)."""
+    if is_local(path) and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
         raise ValueError(f"no model at {path} (expected a directory with config.json)")
+
+
+def _one_line(what, path, error):
+    """A loading error of transformers or the hub (offline, not found, gated) as one line."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return ValueError(f"cannot load the {what} of {path}: {first}")
 
 
 def load_tokenizer(path):
     """Our tokenizer if `path` holds one, else the transformers tokenizer of `path` (with a pad id)."""
-    ours = os.path.join(path, TOKENIZER_FILE)
+    ours = os.path.join(os.path.expanduser(path), TOKENIZER_FILE)
     if os.path.isfile(ours):
         return TinyTokenizer.from_file(ours)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path) if is_local(path) else path)
+    except (OSError, ValueError) as e:
+        raise _one_line("tokenizer", path, e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_model(path, dtype=torch.float32, device="cpu"):
+    """Any transformers causal LM, from a local directory or the hub (errors as one line)."""
     check_model_path(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path) if is_local(path) else path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise _one_line("model", path, e) from None
+    return model.to(device)
 
 
-def save_model(model, tokenizer, path):
-    """A `save_pretrained` directory: safetensors weights, config, tokenizer."""
-    model.save_pretrained(path, safe_serialization=True)
+def decoder_layers(model):
+    """The repeated blocks of a transformers model (what FSDP shards one by one)."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def eos_token_ids(model, tokenizer):
+    """Every id that ends a response: the tokenizer's EOS and the model's generation config
+    (instruct models often list several, e.g. <|im_end|> and <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def save_model(model, tokenizer, path, state_dict=None):
+    """A `save_pretrained` directory: safetensors weights, config, tokenizer. `state_dict`: the
+    full weights when the module itself holds only a shard (FSDP)."""
+    if state_dict is not None and model.config.get_text_config().tie_word_embeddings:
+        head = next(name for name, m in model.named_modules() if m is model.get_output_embeddings())
+        state_dict = {k: v for k, v in state_dict.items() if k != f"{head}.weight"}  # tied: the embeddings hold it
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
 

@@ -15,7 +15,7 @@ the outcome reward; a term is one function registered with `@reward_term`:
 
 It returns (bonus [N] added to each rollout's reward before group normalisation, or None;
 step rewards [N, T] added to the per-token advantages, or None; metrics {name: float}, logged
-as "<term>/<name>" and documented by the dict given to `reward_term`). `run` is train.Run (the
+as "<term>/<name>" and documented by the dict given to `reward_term`). `run` is run.Run (the
 flags are run.args), `rollouts` is rl.Rollouts, `step` the optimizer steps done.
 
 States. A state is a number set `countdown.extract_states` finds in a completion. Its value is

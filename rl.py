@@ -13,14 +13,14 @@ rl_step(run, step) fills one `Rollouts`, in six stages numbered as in the code:
  5. advantages: group-normalised rewards, plus the rewards-to-go of the terms' step rewards;
  6. update: --ppo-epochs x --minibatches clipped updates.
 Forwards run in micro-batches of rows sorted by length, each cut to its longest row: rollouts
-that hit the token limit no longer pad everyone else. `run` is train.Run (model, optimizer,
+that hit the token limit no longer pad everyone else. A group's rows stay in one micro-batch so
+each prompt runs once per forward (grpo's prompt-shared forward; --no-shared-prompt: off). `run` is run.Run (model, optimizer,
 tokenizer, flags as run.args); the step returns its metrics (train.METRICS), reduced by name.
 Imports: countdown, grpo, rewards, sample, model, distributed, torch.
 """
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,7 @@ import torch
 import countdown
 import grpo
 import rewards
-from distributed import all_reduce, seed_for
+from distributed import all_reduce, gradient_sync, seed_for
 from model import encode_prompt
 from sample import sample
 
@@ -59,10 +59,18 @@ class Rollouts:
         return [len(t) for t in self.tokens]
 
 
-def micro_batches(rows, lengths, start, size):
-    """Rows (indices) in chunks of `size`, sorted by response length: [(index tensor, width)],
-    width = the columns the chunk needs (its prompts end at `start`)."""
-    order = sorted(rows, key=lambda i: lengths[i])
+def micro_batches(rows, lengths, start, size, group=None):
+    """Rows (indices) in chunks of `size`: [(index tensor, width)], width = the columns the chunk
+    needs (its prompts end at `start`). Rows sorted by length, so a chunk pads little; with
+    `group` (G), whole groups stay together, ordered by their longest row, so a prompt-shared
+    forward runs each prompt once per chunk."""
+    if group is None:
+        order = sorted(rows, key=lambda i: lengths[i])
+    else:
+        members = {}
+        for i in sorted(rows, key=lambda i: lengths[i]):
+            members.setdefault(i // group, []).append(i)
+        order = [i for g in sorted(members, key=lambda g: lengths[members[g][-1]]) for i in members[g]]
     return [(torch.tensor(order[k:k + size]), start + max(1, max(lengths[i] for i in order[k:k + size])))
             for k in range(0, len(order), size)]
 
@@ -74,10 +82,10 @@ def roll_out(run, problems, step):
     first = run.rank * len(problems)  # this process's first prompt in the global list
     generators = [torch.Generator(run.device).manual_seed(seed_for(args.seed, "sample", step, first + i))
                   for i in range(len(problems))]
-    with run.autocast():
-        sampled = sample(run.model, prompts, run.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         num_samples=args.group_size, eos_token_id=tok.eos_token_id, stop="</Solution>",
-                         tokenizer=tok, generator=generators, pad_token_id=tok.pad_token_id)
+    run.refresh_rollout_model()  # with --bf16, a bf16 copy of the current weights: no autocast needed
+    sampled = sample(run.rollout_model, prompts, run.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     num_samples=args.group_size, eos_token_id=run.eos, stop="</Solution>", tokenizer=tok,
+                     generator=generators, pad_token_id=tok.pad_token_id)
     ids, attention, response, start = grpo.pack_rollouts(prompts, sampled.tokens, tok.pad_token_id, run.device)
     return Rollouts(problems=[p for p in problems for _ in range(args.group_size)], tokens=sampled.tokens,
                     texts=[tok.decode(t, skip_special_tokens=True) for t in sampled.tokens],
@@ -89,17 +97,20 @@ def old_pass(run, r, hidden):
     r.old_logp, r.entropy = torch.zeros_like(r.response), torch.zeros_like(r.response)
     r.ref_logp = torch.zeros_like(r.response) if run.ref_model else None
     with torch.no_grad(), run.autocast():
-        for idx, width in micro_batches(range(len(r.tokens)), r.lengths, r.start, run.args.micro_batch):
+        for idx, width in micro_batches(range(len(r.tokens)), r.lengths, r.start, run.args.micro_batch, run.groups):
+            groups = None if run.groups is None else idx // run.groups  # on the host: no device sync
             idx = idx.to(r.ids.device)
             rows = (r.ids[idx, :width], r.attention[idx, :width], r.response[idx, :width])
-            out = grpo.sequence_logprobs(run.model, *rows, entropy=True, hidden=hidden)
+            out = grpo.sequence_logprobs(run.train_model, *rows, start=r.start, entropy=True, hidden=hidden,
+                                         groups=groups)
             r.old_logp[idx, :width], r.entropy[idx, :width] = out.logp, out.entropy
             if hidden:
                 chunk = run.clipo.head.pool(out.hidden, r.response[idx, :width])
                 r.pooled = chunk.new_zeros((len(r.tokens), chunk.shape[-1])) if r.pooled is None else r.pooled
                 r.pooled[idx] = chunk
             if r.ref_logp is not None:
-                r.ref_logp[idx, :width] = grpo.sequence_logprobs(run.ref_model, *rows).logp
+                r.ref_logp[idx, :width] = grpo.sequence_logprobs(run.ref_model, *rows, start=r.start,
+                                                                 groups=groups).logp
 
 
 def score(run, r, step):
@@ -125,40 +136,47 @@ def update(run, r):
     args, world = run.args, run.world
     # minibatch k: the groups g with g % M == k, so M minibatches are the same on 1 or N processes
     minibatches = [micro_batches([i for i in range(len(r.tokens)) if (i // args.group_size) % args.minibatches == k],
-                                 r.lengths, r.start, args.micro_batch) for k in range(args.minibatches)]
+                                 r.lengths, r.start, args.micro_batch, run.groups) for k in range(args.minibatches)]
     counts = {}  # each minibatch's response tokens and rows, over all processes
     for k, chunks in enumerate(minibatches):
         counts[f"tokens/{k}"] = float(sum(r.response[idx.to(r.ids.device)].sum().item() for idx, _ in chunks))
         counts[f"rows/{k}"] = float(sum(len(idx) for idx, _ in chunks))
     counts = all_reduce(counts, world)
     sums = torch.zeros(4, device=r.ids.device)  # loss, approx KL, clip fraction, KL to the reference
-    for _ in range(args.ppo_epochs):
-        for k, chunks in enumerate(minibatches):
-            local_tokens = sum(r.response[idx.to(r.ids.device), :width].sum() for idx, width in chunks)
-            run.optimizer.zero_grad(set_to_none=True)
-            for j, (idx, width) in enumerate(chunks):
-                idx = idx.to(r.ids.device)
-                last = j == len(chunks) - 1
-                sync = nullcontext() if last or world == 1 else run.train_model.no_sync()
-                with sync, run.autocast():
-                    mask = r.response[idx, :width]
-                    new = grpo.sequence_logprobs(run.train_model, r.ids[idx, :width], r.attention[idx, :width], mask)
-                    loss, stats = grpo.policy_loss(
-                        new.logp, r.old_logp[idx, :width], r.advantages[idx, :width], mask, clip_low=args.clip_low,
-                        clip_high=args.clip_high, ratio=args.ratio, agg=args.agg, kl_coef=args.kl_coef,
-                        ref_logp=None if r.ref_logp is None else r.ref_logp[idx, :width],
-                        num_tokens=counts[f"tokens/{k}"] / world, num_sequences=counts[f"rows/{k}"] / world,
-                        max_length=run.max_new_tokens)
-                    loss.backward()
-                # the chunk losses add up; their stats are token means: weight them by tokens
-                weight = mask.sum() / local_tokens
-                kl_ref = stats["kl_ref"] if "kl_ref" in stats else torch.zeros((), device=sums.device)
-                sums += torch.stack([loss.detach(), stats["approx_kl"] * weight, stats["clip_frac"] * weight,
-                                     kl_ref * weight])
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-            run.optimizer.step()
+    with run.training():
+        for _ in range(args.ppo_epochs):
+            for k, chunks in enumerate(minibatches):
+                update_minibatch(run, r, chunks, counts[f"tokens/{k}"] / world, counts[f"rows/{k}"] / world, sums)
     means = (sums / max(1, args.ppo_epochs * args.minibatches)).tolist()
     return dict(zip(("loss", "kl", "clip_frac", "kl_ref"), means))
+
+
+def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
+    """One optimizer step on a minibatch, its micro-batches' gradients accumulated; adds the
+    loss and token-weighted stats into `sums`."""
+    args = run.args
+    local_tokens = sum(r.response[idx.to(r.ids.device), :width].sum() for idx, width in chunks)
+    run.optimizer.zero_grad(set_to_none=True)
+    for j, (idx, width) in enumerate(chunks):
+        groups = None if run.groups is None else idx // run.groups
+        idx = idx.to(r.ids.device)
+        last = j == len(chunks) - 1  # only the last micro-batch's backward reduces gradients
+        with gradient_sync(run.train_model, last), run.autocast():
+            mask = r.response[idx, :width]
+            new = grpo.sequence_logprobs(run.train_model, r.ids[idx, :width], r.attention[idx, :width], mask,
+                                         start=r.start, groups=groups)
+            loss, stats = grpo.policy_loss(
+                new.logp, r.old_logp[idx, :width], r.advantages[idx, :width], mask, clip_low=args.clip_low,
+                clip_high=args.clip_high, ratio=args.ratio, agg=args.agg, kl_coef=args.kl_coef,
+                ref_logp=None if r.ref_logp is None else r.ref_logp[idx, :width], num_tokens=num_tokens,
+                num_sequences=num_sequences, max_length=run.max_new_tokens)
+            loss.backward()
+        # the chunk losses add up; their stats are token means: weight them by tokens
+        weight = mask.sum() / local_tokens
+        kl_ref = stats["kl_ref"] if "kl_ref" in stats else torch.zeros((), device=sums.device)
+        sums += torch.stack([loss.detach(), stats["approx_kl"] * weight, stats["clip_frac"] * weight, kl_ref * weight])
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.optimizer.step()
 
 
 def rl_step(run, step):

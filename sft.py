@@ -44,13 +44,14 @@ def sft_step(run, step):
     batch = sft_pool(args.seed, args.preset, run.style, args.batch_size // run.world, pool_index, run.rank,
                      run.tokenizer, run.exclude)[part]
     t0 = time.perf_counter()
-    ids, attention, response, _ = grpo.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
-                                                     run.tokenizer.pad_token_id, run.device)
-    with run.autocast():
-        out = grpo.sequence_logprobs(run.train_model, ids, attention, response)
-    loss = -out.logp.sum() / response.sum()
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    ids, attention, response, start = grpo.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
+                                                         run.tokenizer.pad_token_id, run.device)
+    with run.training():
+        with run.autocast():
+            out = grpo.sequence_logprobs(run.train_model, ids, attention, response, start=start)
+        loss = -out.logp.sum() / response.sum()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
     run.optimizer.step()
     (total,) = all_reduce([loss.item()], run.world)

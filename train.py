@@ -1,23 +1,25 @@
-"""One training loop for every mode: the SFT warm start, and RL (GRPO, plus a reward term or an
-auxiliary module per mode).
+"""One training loop for every mode: the SFT warm start, and RL (GRPO, plus the reward terms a
+mode names).
 
     python train.py --mode sft                          # warm-start the built-in tiny model
     python train.py --mode grpo                         # RL from it (trains the warm start first if missing)
     torchrun --nproc_per_node=2 train.py --mode grpo    # the same run in 2 processes (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node=8 train.py --fsdp --bf16 ...   # sharded weights and optimizer (FSDP2)
     python train.py --mode grpo --out runs/grpo --resume    # continue exactly where it stopped
     python eval.py --plot runs/grpo/metrics.jsonl       # curves
 
-A run directory holds `model/` (a save_pretrained directory: weights, config, tokenizer, plus
-trainer_state.pt to resume), `metrics.jsonl` (one line per step, keys in METRICS) and
-`args.json`. Ctrl-C finishes the current step, saves, and exits (twice: exit at once).
-Randomness is a pure function of (seed, step, rank), so a resumed run replays exactly.
+A run directory (checkpoint.py) holds step-numbered checkpoints (save_pretrained directories plus
+trainer_state.pt) and a `latest` pointer, `metrics.jsonl` (one line per step, keys in
+metric_docs()) and `args.json`. Ctrl-C or SIGTERM finishes the current step on every rank,
+saves, and exits 0 (a second signal: exit at once). Randomness is a pure function of (seed,
+step, rank), so a resumed run replays exactly. run.py builds what a step reads; rl.py and
+sft.py are the steps; this file is the flags, their checks, and the loop.
 """
 import argparse
 import math
 import os
-import signal
 import sys
-from dataclasses import dataclass
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -25,18 +27,14 @@ from tqdm import tqdm
 
 import clipo
 import countdown
-import critic
 import grpo
 import rewards
 import rl
 import sft
-from distributed import all_reduce, cpu_threads, launch, seed_for, setup_distributed
-from eval import default_max_new_tokens, default_style, evaluate
-from checkpoint import append_metrics, load_state, save_checkpoint, truncate_metrics, write_args
-from model import TinyTokenizer, check_model_path, load_model, load_tokenizer, new_tiny_model
-
-DEFAULT_MODEL = os.path.join("runs", "tiny-sft", "model")
-DEFAULT_CRITIC = os.path.join("runs", "critic.safetensors")
+from checkpoint import append_metrics, check_model_dir, latest_checkpoint, load_state, read_args, record_args, truncate_metrics
+from distributed import StopRequest, all_reduce, cpu_threads, launch, seed_for, setup_distributed
+from eval import evaluate, wilson
+from run import DEFAULT_CRITIC, DEFAULT_MODEL, build_run, save
 METRICS = {  # what each line of metrics.jsonl holds; the reward terms add theirs (metric_docs)
     "step": "optimizer steps done", "lr": "learning rate of the step",
     "loss": "training loss (SFT: cross-entropy per token; RL: clipped surrogate + KL)",
@@ -50,6 +48,7 @@ METRICS = {  # what each line of metrics.jsonl holds; the reward terms add their
     "time_sample": "seconds sampling", "time_reward": "seconds scoring (decode, verify, the mode's reward terms)",
     "time_train": "seconds in forward/backward passes (the old-log-prob pass and the updates)",
     "heldout/success_rate": "greedy success on held-out problems (every --eval-every steps)",
+    "heldout/success_low": "its 95% Wilson interval, lower end", "heldout/success_high": "and upper end",
 }
 
 
@@ -65,53 +64,6 @@ def metric_docs():
 def modes():
     """Valid --mode parts: sft alone, or grpo and the reward terms, joined by "+"."""
     return ("sft", "grpo", *rewards.REWARD_TERMS)
-
-
-def mode_terms(mode):
-    """The reward terms a mode adds, in registry order: "clipo+critic" -> ("critic", "clipo")."""
-    parts = set(mode.split("+"))
-    return tuple(name for name in rewards.REWARD_TERMS if name in parts)
-
-
-@dataclass
-class Run:
-    """Everything a training step reads, built once by build_run (the fields as CleanRL
-    documents its Args). sft.sft_step, rl.rl_step and the reward terms receive it."""
-    args: argparse.Namespace
-    """the flags (parse_args), completed: defaults filled in, --prompt chosen"""
-    rank: int
-    """this process's rank (0 when alone)"""
-    world: int
-    """how many processes train together"""
-    device: torch.device
-    """where the model lives"""
-    tokenizer: object
-    """ours (model.TinyTokenizer) or a transformers tokenizer"""
-    model: torch.nn.Module
-    """the policy: samples, evaluates, is saved"""
-    train_model: torch.nn.Module
-    """the same weights as seen by training forwards (DDP- or compile-wrapped, or the model itself)"""
-    optimizer: torch.optim.Optimizer
-    """AdamW over the policy's weights"""
-    terms: tuple
-    """the reward terms of the mode (rewards.REWARD_TERMS keys), e.g. ("critic", "clipo")"""
-    style: str
-    """prompt style: "bare" (the tiny model) or "longproc" (chat models)"""
-    max_new_tokens: int
-    """rollout and evaluation budget"""
-    exclude: frozenset
-    """problem keys training never draws (held-out stream, LongProc's test split)"""
-    bf16: bool
-    """bf16 autocast in forwards (on CUDA with --bf16)"""
-    ref_model: torch.nn.Module = None
-    """frozen reference for the KL term (only with --kl-coef > 0)"""
-    critic: "critic.Critic" = None
-    """the contrastive critic (mode "critic")"""
-    clipo: "clipo.ClipoModule" = None
-    """CLIPO's head and its optimizer (mode "clipo")"""
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 def parse_args(argv=None):
@@ -130,8 +82,9 @@ def parse_args(argv=None):
     ap.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny",
                     help="problem distribution (countdown.PRESETS): tiny, or longproc (LongProc 0.5k)")
     ap.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 250 SFT, 25 RL)")
-    ap.add_argument("--eval-problems", type=int, default=200)
+    ap.add_argument("--eval-problems", type=int, default=1000, help="held-out problems (greedy) per evaluation")
     ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
     # SFT
     ap.add_argument("--batch-size", type=int, default=32, help="SFT sequences per step (global)")
     # RL
@@ -143,6 +96,8 @@ def parse_args(argv=None):
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--minibatches", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=16, help="rows per forward (sorted by length)")
+    ap.add_argument("--no-shared-prompt", action="store_true",
+                    help="run each rollout's prompt in its own row (default: once per group, where exact)")
     ap.add_argument("--clip-low", type=float, default=0.2)
     ap.add_argument("--clip-high", type=float, default=0.28)
     ap.add_argument("--ratio", choices=grpo.RATIOS, default="token")
@@ -164,14 +119,17 @@ def parse_args(argv=None):
     ap.add_argument("--clipo-lr", type=float, default=1e-3)
     ap.add_argument("--clipo-warmup", type=int, default=5, help="first steps train only the head")
     # hardware
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast for training forwards (fp32 master weights), rollouts from a bf16 copy")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="recompute each decoder layer in backward instead of keeping its activations")
+    ap.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     ap.add_argument("--procs", type=int, help="processes on this machine when not under torchrun "
                     "(default: one per core on CPU, where 2 x 1 thread beat 1 x 2 threads; 1 on GPU)")
     args = ap.parse_args(argv)
     sft = args.mode == "sft"
-    args.out = args.out or (os.path.dirname(DEFAULT_MODEL) if sft else os.path.join("runs", args.mode.replace("+", "-")))
+    args.out = args.out or (DEFAULT_MODEL if sft else os.path.join("runs", args.mode.replace("+", "-")))
     args.steps = args.steps or (1000 if sft else 250)
     args.lr = args.lr or (3e-3 if sft else 1e-4)
     args.eval_every = args.eval_every or (250 if sft else 25)
@@ -199,32 +157,46 @@ def check_args(args, world):
                             "process gives per-token advantages: use sequence credit or another --ratio")
     elif args.batch_size % world:
         problems.append(f"--batch-size {args.batch_size} does not divide by the {world} processes")
-    state = os.path.join(args.out, "model", "trainer_state.pt")
-    if args.resume and not os.path.exists(state):
-        problems.append(f"--resume: no checkpoint at {state}")
+    if args.fsdp and world < 2:
+        problems.append("--fsdp shards over processes: run under torchrun, or with --procs 2 or more")
+    if args.keep < 1:
+        problems.append(f"--keep {args.keep}: keep at least the newest checkpoint")
+    if args.resume and latest_checkpoint(args.out, say=lambda *a, **k: None) is None:
+        problems.append(f"--resume: no intact checkpoint in {args.out}")
     if not args.resume and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
         problems.append(f"{args.out} holds another run: pass --resume to continue it, or choose another --out")
+    if args.resume:
+        problems += resume_mismatches(args)
     if args.model and args.model != DEFAULT_MODEL:
         try:
-            check_model_path(args.model)
+            check_model_dir(args.model)
         except ValueError as e:
             problems.append(str(e))
+    try:  # before any process starts: an unwritable --out fails here, not in a spawned worker
+        os.makedirs(args.out, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as e:
+        problems.append(f"--out {args.out}: cannot write there ({e.strerror or e})")
     if problems:
         sys.exit("error: " + problems[0])
 
 
-class StopRequest:
-    """First Ctrl-C: finish the step, save, exit. Second: exit now."""
+# flags a resumed run may change (recorded in args_history.jsonl); every other flag defines the run
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_problems", "save_every", "keep", "procs", "micro_batch", "compile",
+                     "grad_checkpointing", "fsdp", "no_shared_prompt", "out", "resume"}
 
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self._handle)
 
-    def _handle(self, *_):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again to quit without saving)", file=sys.stderr)
+def resume_mismatches(args):
+    """A resumed run must be the same run: each flag that defines it (mode, model, seed, sizes,
+    reward and CLIPO settings, preset, prompt...) as args.json recorded it. Unset flags (None)
+    take the recorded value."""
+    saved = read_args(args.out) or {}
+    for key, value in vars(args).items():
+        if key in RESUMABLE_CHANGES or value is None or key not in saved or saved[key] == value:
+            continue
+        return [f"--resume: --{key.replace('_', '-')} {value} differs from the run's {saved[key]} "
+                f"(flags that define a run must match; steps, cadences and logging may change)"]
+    return []
 
 
 def learning_rate(args, step):
@@ -236,91 +208,46 @@ def learning_rate(args, step):
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-def heldout_success(run, heldout):
-    """Greedy success on the held-out problems; every process evaluates its share."""
-    share = heldout[run.rank::run.world]
-    metrics = evaluate(run.model, run.tokenizer, share, style=run.style, max_new_tokens=run.max_new_tokens)
-    solved, total = all_reduce([metrics["success_rate"] * len(share), len(share)], run.world)
-    return solved / total
-
-
-def load_critic(args, rank, world):
-    """The critic of --critic; when the file is absent, rank 0 trains one first (5 minutes)."""
-    if not os.path.exists(args.critic):
-        if rank == 0:
-            print(f"no critic at {args.critic}: training one first (python critic.py --minutes 5 --out {args.critic})")
-            os.makedirs(os.path.dirname(os.path.abspath(args.critic)), exist_ok=True)
-            critic.save(critic.train(minutes=5.0, preset=args.preset, seed=args.seed), args.critic)
-        if world > 1:
-            dist.barrier()
-    return critic.load(args.critic)  # tiny, and it scores text on the host: it stays on the CPU
+def heldout_success(run, heldout, step):
+    """Greedy success on the held-out problems with its 95% Wilson interval, sampled like the
+    rollouts (same model copy and precision); every process evaluates its share. Rank 0 also
+    appends which problems were solved to heldout.jsonl (for paired comparisons of runs)."""
+    share = list(range(run.rank, len(heldout), run.world))
+    run.refresh_rollout_model()
+    metrics = evaluate(run.rollout_model, run.tokenizer, [heldout[i] for i in share], style=run.style,
+                       max_new_tokens=run.max_new_tokens, eos_token_id=run.eos)
+    solved = [0.0] * len(heldout)
+    for i, s in zip(share, metrics["solved"]):
+        solved[i] = s
+    solved = all_reduce(solved, run.world)
+    if run.rank == 0:
+        append_metrics(run.args.out, {"step": step, "solved": "".join(str(int(s)) for s in solved)}, "heldout.jsonl")
+    low, high = wilson(sum(solved), len(solved))
+    return {"heldout/success_rate": sum(solved) / len(solved), "heldout/success_low": low, "heldout/success_high": high}
 
 
 def warm_start_ready():
-    run_dir = os.path.dirname(DEFAULT_MODEL)
-    return os.path.exists(os.path.join(DEFAULT_MODEL, "trainer_state.pt")) and load_state(run_dir)["finished"]
-
-
-def build_run(args, rank, world, device):
-    """The Run of these flags, and the step it starts at (> 0 when resuming)."""
-    resume = os.path.join(args.out, "model")
-    source = resume if args.resume else (args.model or (None if args.mode == "sft" else DEFAULT_MODEL))
-    tokenizer = load_tokenizer(source) if source else TinyTokenizer()
-    model = load_model(source, device=device) if source else new_tiny_model(seed=args.seed).to(device)
-    args.prompt = args.prompt or default_style(tokenizer)
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    if args.compile:
-        train_model = torch.compile(train_model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    terms = mode_terms(args.mode)
-    run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model,
-              train_model=train_model, optimizer=optimizer, terms=terms, style=args.prompt,
-              max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.prompt),
-              exclude=countdown.never_train_on(args.preset), bf16=args.bf16 and device.type == "cuda")
-    if args.kl_coef > 0 and args.mode != "sft":  # the frozen reference exists only when it is used
-        run.ref_model = load_model(args.model or DEFAULT_MODEL, device=device).eval().requires_grad_(False)
-    if "critic" in terms:
-        run.critic = load_critic(args, rank, world)
-    if "clipo" in terms:
-        torch.manual_seed(seed_for(args.seed, "clipo-init"))
-        run.clipo = clipo.ClipoModule(model.config.get_text_config().hidden_size, dim=args.clipo_dim,
-                                      kind=args.clipo_kind, temperature=args.clipo_tau, lam=args.clipo_lambda,
-                                      floor=args.clipo_floor, lr=args.clipo_lr, device=device)
-    if not args.resume:
-        return run, 0
-    state = load_state(args.out)
-    optimizer.load_state_dict(state["optimizer"])
-    for name, module in trained_modules(run).items():
-        if name in state["modules"]:
-            module.load_state_dict(state["modules"][name])
-    return run, state["step"]
-
-
-def trained_modules(run):
-    """The run's trained parts besides the policy, saved in and restored from checkpoints."""
-    return {name: module for name, module in (("critic", run.critic), ("clipo", run.clipo)) if module is not None}
+    found = latest_checkpoint(DEFAULT_MODEL, say=lambda *a, **k: None)
+    return found is not None and load_state(found)["finished"]
 
 
 def train(args, rank, world, device):
-    """Build the run, then its steps from where it stands; True when stopped by Ctrl-C."""
-    if device.type == "cpu":
-        cpu_threads(world)
+    """Build the run, then its steps from where it stands; True when stopped (Ctrl-C, SIGTERM)."""
+    cpu_threads(device)
     run, start = build_run(args, rank, world, device)
     heldout = countdown.heldout_problems(args.eval_problems, args.preset)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         truncate_metrics(args.out, start)
-        write_args(args.out, args)
+        record_args(args.out, vars(args), start)
     step_fn = sft.sft_step if args.mode == "sft" else rl.rl_step
     if start == 0 and args.mode != "sft":  # where RL starts from: step 0 of the curves
-        row = {"step": 0, "heldout/success_rate": heldout_success(run, heldout)}
+        row = {"step": 0, **heldout_success(run, heldout, 0)}
         if rank == 0:
             append_metrics(args.out, row)
     stop = StopRequest()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode, disable=rank != 0)
-    step = start
+    step, stopping = start, False
     for step in bar:
         lr = learning_rate(args, step)
         for group in run.optimizer.param_groups:
@@ -329,20 +256,22 @@ def train(args, rank, world, device):
         row = {"step": step + 1, "lr": lr, **step_fn(run, step)}
         done = step + 1 == args.steps
         if (step + 1) % args.eval_every == 0 or done:
-            row["heldout/success_rate"] = heldout_success(run, heldout)
+            row.update(heldout_success(run, heldout, step + 1))
+        stopping = stop.agreed(world)  # every rank stops after the same step, or none does
         if rank == 0:
             append_metrics(args.out, row)
             bar.set_postfix({k: round(row[k], 3) for k in ("loss", "reward_mean", "success_rate",
                                                           "heldout/success_rate") if k in row})
-            if (step + 1) % args.save_every == 0 or done or stop.requested:
-                save_checkpoint(args.out, run.model, run.tokenizer, run.optimizer, step + 1, finished=done,
-                                modules={name: m.state_dict() for name, m in trained_modules(run).items()})
-        if stop.requested:
+        if (step + 1) % args.save_every == 0 or done or stopping:
+            save(run, step + 1, finished=done)
+        if stopping:
             break
     bar.close()
+    if world > 1:
+        dist.barrier()  # the checkpoint is written before any rank exits
     if rank == 0:
-        print(f"{args.mode}: {step + 1} steps, checkpoint in {os.path.join(args.out, 'model')}")
-    return stop.requested
+        print(f"{args.mode}: {step + 1} steps, latest checkpoint in {args.out}")
+    return stopping
 
 
 def main(argv=None):
@@ -356,11 +285,11 @@ def main(argv=None):
     check_args(args, world)
     if args.mode != "sft" and not args.model and not warm_start_ready():
         if rank == 0:
-            print(f"no warm start at {DEFAULT_MODEL}: training it first (python train.py --mode sft)")
-        sft = parse_args(["--mode", "sft", "--seed", str(args.seed)])
-        sft.resume = os.path.exists(os.path.join(sft.out, "model", "trainer_state.pt"))
-        check_args(sft, world)
-        if train(sft, rank, world, device):
+            print(f"no warm start in {DEFAULT_MODEL}: training it first (python train.py --mode sft)")
+        sft_args = parse_args(["--mode", "sft", "--seed", str(args.seed)])
+        sft_args.resume = latest_checkpoint(sft_args.out, say=lambda *a, **k: None) is not None
+        check_args(sft_args, world)
+        if train(sft_args, rank, world, device):
             return
     train(args, rank, world, device)
     if world > 1:

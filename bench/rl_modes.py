@@ -1,33 +1,49 @@
-"""RL modes side by side on the built-in tiny model: same budget, several seeds, one table.
+"""RL modes side by side: same budget, several seeds, one table with 95% intervals.
 
     python bench/rl_modes.py --modes grpo critic oracle --seeds 0 1 2 --steps 100
-    python bench/rl_modes.py --modes grpo "critic --critic-credit process" --steps 100 --plot runs/modes.png
-    python bench/rl_modes.py --modes grpo clipo --steps 40 --common "--prompts-per-step 8"   # a smaller budget
+    python bench/rl_modes.py --modes grpo "oracle --critic-credit move" --seeds 0 1 2 --json runs/modes.json
+    python bench/rl_modes.py --modes grpo clipo --steps 40 --common "--prompts-per-step 8" --plot runs/modes.png
 
 Each (mode, seed) runs `python train.py --mode ... --seed S --steps N --out runs/modes/<name>-s<S>`
-from the default warm start; a run already finished there is reused, so the script resumes
-after an interruption. The table gives the held-out success of the warm start (step 0, greedy)
-and at the end of each run, per seed and as mean +- std over seeds; --plot draws each mode's
-held-out curve, averaged over seeds.
+from the default warm start; a finished run there is reused and a stopped one resumed, so the
+script picks up after an interruption. Per mode: the final held-out success (greedy, the same
+held-out problems for every run) of each seed, their mean with a 95% t interval over seeds,
+and the paired difference to the first mode: per seed, the mean over problems of (mode - first)
+on the same problems from the same warm start, then their mean with a 95% t interval over
+seeds (training noise included), and, in brackets, the interval over problems alone (the
+evaluation's noise; what a single seed could claim). --json OUT writes
+{mode: {"seeds": {seed: success}, "mean": m, "ci": [lo, hi], "diff": d, "diff_ci": [lo, hi],
+"diff_ci_problems": [lo, hi], "warm_start": w, "curve": {step: mean success}}}.
 """
 import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from checkpoint import latest_checkpoint  # noqa: E402
+from eval import paired_difference, seed_interval  # noqa: E402
 
 
-def final_row(path):
+def read_jsonl(path):
     if not os.path.exists(path):
-        return None
+        return []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return rows[-1] if rows and "heldout/success_rate" in rows[-1] else None
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finished(out, steps):
+    rows = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "heldout/success_rate" in r]
+    return bool(rows) and rows[-1]["step"] >= steps
+
+
+def solved_at(out, step):
+    """Per-problem 0/1 of the held-out evaluation at `step` (heldout.jsonl)."""
+    rows = [r for r in read_jsonl(os.path.join(out, "heldout.jsonl")) if r["step"] == step]
+    return [int(c) for c in rows[-1]["solved"]]
 
 
 def main():
@@ -37,37 +53,71 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default=os.path.join("runs", "modes"))
     ap.add_argument("--common", default="", help="flags for every run, quoted (e.g. a smaller budget)")
+    ap.add_argument("--json", help="write the table (and mean curves) here")
     ap.add_argument("--plot", help="also draw each mode's mean held-out curve into this PNG (needs matplotlib)")
     args = ap.parse_args()
-    table = {}
+    runs = {}
     for spec in args.modes:
         mode, *flags = shlex.split(spec)
         name = "-".join([mode.replace("+", "-")] + [f.lstrip("-") for f in flags])
+        runs[name] = {}
         for seed in args.seeds:
             out = os.path.join(args.out, f"{name}-s{seed}")
-            if final_row(os.path.join(out, "metrics.jsonl")) is None or \
-                    final_row(os.path.join(out, "metrics.jsonl"))["step"] < args.steps:
-                resume = ["--resume"] if os.path.exists(os.path.join(out, "model", "trainer_state.pt")) else []
+            if not finished(out, args.steps):
+                resume = ["--resume"] if latest_checkpoint(out, say=lambda *a, **k: None) else []
                 cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--mode", mode, *flags, "--seed", str(seed),
                        "--steps", str(args.steps), "--out", out, *shlex.split(args.common), *resume]
                 print("$", " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
-            with open(os.path.join(out, "metrics.jsonl")) as f:
-                base = json.loads(f.readline())["heldout/success_rate"]  # step 0: the warm start
-            table.setdefault(name, []).append(final_row(os.path.join(out, "metrics.jsonl"))["heldout/success_rate"])
-    print(f"\nheld-out success (200 problems, greedy), {args.steps} RL steps, warm start {base:.3f}\n")
-    print("| mode | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | std | gain |")
-    print("|---|" + "---|" * (len(args.seeds) + 3))
-    for name, values in table.items():
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        mean = statistics.mean(values)
-        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {mean:.3f} | {std:.3f} | {mean - base:+.3f} |")
+            runs[name][seed] = out
+    table = summarise(runs, args.steps)
+    first = next(iter(table))
+    n = len(solved_at(runs[first][args.seeds[0]], args.steps))
+    print(f"\nheld-out success ({n} problems, greedy) after {args.steps} RL steps; warm start "
+          f"{100 * table[first]['warm_start']:.1f}%; intervals 95%\n")
+    print("| mode | " + " | ".join(f"seed {s}" for s in args.seeds) + f" | mean [t over seeds] | vs {first}: paired "
+          "difference [over seeds] [over problems] |")
+    print("|---|" + "---|" * (len(args.seeds) + 2))
+    for name, row in table.items():
+        cells = " | ".join(f"{100 * row['seeds'][s]:.1f}" for s in args.seeds)
+        diff = "—" if name == first else (f"{100 * row['diff']:+.1f} [{100 * row['diff_ci'][0]:+.1f}, "
+                                          f"{100 * row['diff_ci'][1]:+.1f}] [{100 * row['diff_ci_problems'][0]:+.1f}, "
+                                          f"{100 * row['diff_ci_problems'][1]:+.1f}]")
+        print(f"| {name} | {cells} | {100 * row['mean']:.1f} [{100 * row['ci'][0]:.1f}, {100 * row['ci'][1]:.1f}] "
+              f"| {diff} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(table, f, indent=1)
+        print(f"wrote {args.json}")
     if args.plot:
-        plot({name: [os.path.join(args.out, f"{name}-s{s}", "metrics.jsonl") for s in args.seeds] for name in table},
-             args.plot, f"{args.steps} RL steps, mean of seeds {', '.join(map(str, args.seeds))}")
+        plot(table, args.plot, f"{args.steps} RL steps, mean of seeds {', '.join(map(str, args.seeds))}")
 
 
-def plot(runs, path, title):
+def summarise(runs, steps):
+    """The --json table from the runs' heldout.jsonl and metrics.jsonl files."""
+    table, first = {}, None
+    for name, outs in runs.items():
+        finals = {seed: solved_at(out, steps) for seed, out in outs.items()}
+        success = {seed: sum(v) / len(v) for seed, v in finals.items()}
+        mean, lo, hi = seed_interval(list(success.values()))
+        curves = [{r["step"]: r["heldout/success_rate"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
+                   if "heldout/success_rate" in r} for out in outs.values()]
+        common = sorted(set.intersection(*(set(c) for c in curves)))
+        row = {"seeds": success, "mean": mean, "ci": [lo, hi],
+               "warm_start": curves[0].get(0, float("nan")),  # step 0: the starting checkpoint
+               "curve": {s: sum(c[s] for c in curves) / len(curves) for s in common}}
+        if first is None:
+            first = finals
+        else:
+            per_seed = [paired_difference(first[s], finals[s]) for s in finals]
+            diff, dlo, dhi = seed_interval([d[0] for d in per_seed])
+            pooled = paired_difference([x for s in finals for x in first[s]], [x for s in finals for x in finals[s]])
+            row.update(diff=diff, diff_ci=[dlo, dhi], diff_ci_problems=[pooled[1], pooled[2]])
+        table[name] = row
+    return table
+
+
+def plot(table, path, title):
     """Each mode's held-out success against steps, averaged over its seeds."""
     try:
         import matplotlib
@@ -76,13 +126,8 @@ def plot(runs, path, title):
     except ImportError:
         sys.exit("--plot needs matplotlib, an optional extra: pip install matplotlib")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, paths in runs.items():
-        curves = []
-        for p in paths:
-            with open(p) as f:
-                curves.append({r["step"]: r["heldout/success_rate"] for r in map(json.loads, f) if "heldout/success_rate" in r})
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], marker=".", label=name)
+    for name, row in table.items():
+        ax.plot(list(row["curve"]), list(row["curve"].values()), marker=".", label=name)
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out success (greedy)")
     ax.set_title(title, fontsize=9)

@@ -1,14 +1,18 @@
-"""Tokens/s of sample.generate against transformers' model.generate, side by side in one run.
+"""Tokens/s of sample.generate (eager and compiled) against transformers' model.generate, side by side.
 
-    python bench/sample.py [--threads 1]
+    python bench/sample.py [--threads 1] [--repeats 3]
 
-Same model (the built-in tiny Qwen2, random weights), same settings and thread count for both.
+Same model (the built-in tiny Qwen2, random weights), same settings and thread count for all.
 (a) 64 prompts x 256 new tokens, sampling, no early stop;
 (b) one 1,000-token prompt x 16 samples x 128 new tokens (we prefill once, generate 16 times);
-(c) a GRPO-shaped batch (8 prompts x 8 samples) whose samples stop at different lengths:
-    ours with finished rows leaving the batch vs ours with them kept (the gain of shrinking);
-plus our decode step against the floor: bare model forwards over the same reserved cache.
-Each timing is the best of --repeats runs.
+each with our sampler eager, our sampler with compile=True (the decode step under
+torch.compile(mode="reduce-overhead", fullgraph=True); CUDA graphs need a GPU, so on CPU this
+is inductor's fused kernels only) and model.generate. The first compiled call, which compiles,
+is timed apart. (c) a GRPO-shaped batch (8 prompts x 8 samples) whose samples stop at different
+lengths: ours with finished rows leaving the batch vs with them kept (the gain of shrinking).
+Last, our decode step against the floor: bare steps (forward + argmax) over the same cache.
+Timings are the best of --repeats rounds; each round runs every contender once, in turn, so
+load from other processes hits them alike.
 """
 import argparse
 import pathlib
@@ -22,13 +26,20 @@ import sample  # noqa: E402
 from model import new_tiny_model  # noqa: E402
 
 
-def best_of(repeats, fn):
-    times = []
+def timed(fn):
+    t = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t, result
+
+
+def best_of(repeats, contenders):
+    """{name: best seconds}, {name: last result}; contenders run round-robin."""
+    times, results = {name: [] for name in contenders}, {}
     for _ in range(repeats):
-        t = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), result
+        for name, fn in contenders.items():
+            seconds, results[name] = timed(fn)
+            times[name].append(seconds)
+    return {name: min(t) for name, t in times.items()}, results
 
 
 def prompts_of(n, length, seed):
@@ -42,18 +53,20 @@ def transformers_generate(lm, prompts, new, samples=1):
                        num_return_sequences=samples, pad_token_id=0, eos_token_id=None)
 
 
+@torch.no_grad()
 def floor(lm, prompts, new):
-    """Bare forwards: prefill, then `new` single-token steps over the same reserved cache."""
+    """Bare decode steps: prefill, then `new` forwards + argmax over the same fixed-shape cache."""
     ids, mask = sample._left_pad(prompts, 0, "cpu")
     width = ids.shape[1]
-    attention = torch.ones((len(prompts), width + new), dtype=torch.long)
-    cache = sample.reserved_cache(lm, width + new)
-    with torch.no_grad():
-        lm(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = ids[:, -1:]
-        for step in range(new):
-            lm(input_ids=token, attention_mask=attention[:, :width + step + 1],
-               position_ids=torch.full((len(prompts), 1), width + step), past_key_values=cache, use_cache=True)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+             logits_to_keep=1)
+    slot = torch.tensor([width])
+    cache = sample.FixedCache(out.past_key_values, 1, width + new, slot)
+    pads, token = width - mask.sum(-1), out.logits[:, -1].argmax(-1)
+    for step in range(new):
+        cache.window = width + step + 1  # as eager decoding does: the columns written so far
+        token, _ = sample.decode_step(lm, cache, token, None, pads, slot, 0, 0, 1.0)
+        slot += 1
 
 
 def main():
@@ -63,45 +76,54 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = new_tiny_model(seed=0).eval()
-    gen = torch.Generator().manual_seed(0)
-    rows = []
 
-    p = prompts_of(64, 24, 0)
-    ours, _ = best_of(args.repeats, lambda: sample.generate(lm, p, 256, generator=gen))
-    theirs, _ = best_of(args.repeats, lambda: transformers_generate(lm, p, 256))
-    rows.append(("(a) 64 prompts x 256 tokens", 64 * 256, ours, theirs))
-
-    p = prompts_of(1, 1000, 1)
-    ours, _ = best_of(args.repeats, lambda: sample.generate(lm, p, 128, num_samples=16, generator=gen))
-    theirs, _ = best_of(args.repeats, lambda: transformers_generate(lm, p, 128, samples=16))
-    rows.append(("(b) 1,000-token prompt x 16 x 128", 16 * 128, ours, theirs))
+    def ours(p, new, samples=1, compile=False):  # a fresh generator: eager and compiled draw the same noise
+        return lambda: sample.generate(lm, p, new, num_samples=samples, compile=compile,
+                                       generator=torch.Generator().manual_seed(0))
+    cases = [("(a) 64 prompts x 256 tokens", prompts_of(64, 24, 0), 256, 1),
+             ("(b) 1,000-token prompt x 16 x 128", prompts_of(1, 1000, 1), 128, 16)]
+    compile_seconds, _ = timed(ours(cases[0][1], 256, compile=True))
+    rows, same = [], []
+    for name, p, new, samples in cases:
+        best, out = best_of(args.repeats, {"eager": ours(p, new, samples), "compiled": ours(p, new, samples, True),
+                                           "generate": lambda: transformers_generate(lm, p, new, samples)})
+        rows.append((name, len(p) * samples * new, best))
+        same += [a == b for a, b in zip(out["eager"], out["compiled"])]
 
     print(f"torch threads: {args.threads}\n")
-    print("| case | ours tok/s | model.generate tok/s | speed-up |\n|---|---|---|---|")
-    for name, tokens, ours, theirs in rows:
-        print(f"| {name} | {tokens / ours:,.0f} | {tokens / theirs:,.0f} | {theirs / ours:.2f}x |")
+    print("| case | ours tok/s | ours compiled tok/s | model.generate tok/s | ours vs generate | compiled vs ours |\n"
+          "|---|---|---|---|---|---|")
+    for name, tokens, best in rows:
+        print(f"| {name} | {tokens / best['eager']:,.0f} | {tokens / best['compiled']:,.0f} | "
+              f"{tokens / best['generate']:,.0f} | {best['generate'] / best['eager']:.2f}x | "
+              f"{best['eager'] / best['compiled']:.2f}x |")
+    print(f"\nfirst compiled call (compiles the step): {compile_seconds:.1f}s; compiled samples identical to eager: "
+          f"{sum(same)}/{len(same)}")
 
     # (c) early stops: EOS is a common token of this random model, so lengths spread out
     p = prompts_of(8, 24, 2)
-    eos = 7
 
-    def grpo_batch():  # one generator per prompt: the samples do not depend on the batch's shape
+    def grpo_batch(compile=False):  # one generator per prompt: the samples do not depend on the batch's shape
         gens = [torch.Generator().manual_seed(4 + i) for i in range(len(p))]
-        return sample.sample(lm, p, 256, num_samples=8, eos_token_id=eos, generator=gens)
-    shrink, ro = best_of(args.repeats, grpo_batch)
-    keep_fraction, sample.LEAVE_FRACTION = sample.LEAVE_FRACTION, 2.0  # rows never leave
-    keep, ro_kept = best_of(args.repeats, grpo_batch)
-    sample.LEAVE_FRACTION = keep_fraction
-    assert ro.tokens == ro_kept.tokens
-    lengths = sorted(len(t) for t in ro.tokens)
+        return sample.sample(lm, p, 256, num_samples=8, eos_token_id=7, generator=gens, compile=compile)
+
+    def kept():
+        keep_fraction, sample.LEAVE_FRACTION = sample.LEAVE_FRACTION, 2.0  # rows never leave
+        try:
+            return grpo_batch()
+        finally:
+            sample.LEAVE_FRACTION = keep_fraction
+    best, out = best_of(args.repeats, {"shrink": grpo_batch, "keep": kept, "compiled": lambda: grpo_batch(True)})
+    assert out["shrink"].tokens == out["keep"].tokens
+    lengths = sorted(len(t) for t in out["shrink"].tokens)
     print(f"\n(c) 8 prompts x 8 samples, max 256, lengths min/median/max {lengths[0]}/{lengths[32]}/{lengths[-1]}: "
-          f"{shrink:.2f}s with finished rows leaving the batch, {keep:.2f}s keeping them ({keep / shrink:.2f}x)")
+          f"{best['shrink']:.2f}s with finished rows leaving the batch, {best['keep']:.2f}s keeping them "
+          f"({best['keep'] / best['shrink']:.2f}x); compiled, rows leaving: {best['compiled']:.2f}s")
 
     p = prompts_of(64, 24, 0)
-    ours, _ = best_of(args.repeats, lambda: sample.generate(lm, p, 256, generator=gen))
-    bare, _ = best_of(args.repeats, lambda: floor(lm, p, 256))
-    print(f"decode, 64 rows x 256 steps: {1e3 * ours / 256:.2f} ms/step ours, {1e3 * bare / 256:.2f} ms/step bare "
-          f"forwards over the same cache (the floor): overhead {ours / bare - 1:+.0%}")
+    best, _ = best_of(args.repeats, {"ours": ours(p, 256), "bare": lambda: floor(lm, p, 256)})
+    print(f"decode, 64 rows x 256 steps: {1e3 * best['ours'] / 256:.2f} ms/step ours, {1e3 * best['bare'] / 256:.2f} "
+          f"ms/step bare steps over the same cache (the floor): overhead {best['ours'] / best['bare'] - 1:+.0%}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_side_by_side_table_and_json(tmp_path, longproc_path):
     out = _eval("--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"), "--data", str(longproc_path),
                 "--max-new-tokens", "4", "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "| success_rate |" in out.stdout and str(tmp_path / "b") in out.stdout
+    assert "| success_rate [95% Wilson] |" in out.stdout and str(tmp_path / "b") in out.stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert set(results) == {str(tmp_path / "a"), str(tmp_path / "b")}
     assert set(evaluation.KEYS) <= set(results[str(tmp_path / "a")])
@@ -71,3 +71,38 @@ def test_plot(tmp_path):
     out = _eval("--plot", str(path), "--out", str(tmp_path / "c.png"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wilson_interval_against_known_values_and_coverage():
+    # Wilson (1927) by hand for 46/100: centre (0.46 + z^2/200) / (1 + z^2/100)
+    lo, hi = evaluation.wilson(46, 100)
+    assert lo == pytest.approx(0.36561, abs=1e-5) and hi == pytest.approx(0.55735, abs=1e-5)
+    assert evaluation.wilson(0, 50)[0] == 0.0 and evaluation.wilson(50, 50)[1] == pytest.approx(1.0)
+    # coverage: for p = 0.3 and n = 200 the interval holds p in ~95% of binomial draws
+    import random
+    rng = random.Random(0)
+    hits = sum(lo <= 0.3 <= hi for lo, hi in (evaluation.wilson(sum(rng.random() < 0.3 for _ in range(200)), 200)
+                                             for _ in range(2000)))
+    assert 0.93 < hits / 2000 < 0.97
+
+
+def test_paired_difference_and_seed_interval_by_hand():
+    a, b = [1, 0, 1, 1, 0, 0, 1, 0], [1, 1, 1, 1, 0, 1, 1, 0]
+    mean, lo, hi = evaluation.paired_difference(a, b)
+    d = [y - x for x, y in zip(a, b)]  # two +1s among eight problems
+    sd = (sum((x - 0.25) ** 2 for x in d) / 7) ** 0.5
+    assert mean == 0.25 and lo == pytest.approx(0.25 - 1.959964 * sd / 8 ** 0.5) and hi > mean
+    with pytest.raises(ValueError):
+        evaluation.paired_difference([1, 0], [1])
+    mean, lo, hi = evaluation.seed_interval([0.50, 0.55, 0.45])
+    assert mean == pytest.approx(0.5) and hi - mean == pytest.approx(4.303 * 0.05 / 3 ** 0.5)
+
+
+def test_two_models_print_a_paired_difference(tmp_path):
+    for name in ("a", "b"):
+        save_model(new_tiny_model(seed=len(name)), TinyTokenizer(), str(tmp_path / name))
+    out = _eval("--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"), "--procedural", "5",
+                "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "success_rate [95% Wilson] | 0.0% [0.0, 43.4]" in out.stdout  # 0 of 5: Wilson's upper end
+    assert f"{tmp_path / 'b'} - {tmp_path / 'a'}: +0.0 points, paired 95% interval [+0.0, +0.0] (5 problems)" in out.stdout

@@ -156,18 +156,23 @@ def test_policy_loss_counts_and_errors():
         policy_loss(logp, old, adv, mask, agg="mean")
 
 
-def test_sequence_logprobs_against_per_sequence_forward():
-    lm = new_tiny_model(seed=3, vocab_size=40).eval()
+def _padded_batch(vocab=40):
     g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(3, 40, (k,), generator=g).tolist() for k in (5, 9, 7)]
+    seqs = [torch.randint(3, vocab, (k,), generator=g).tolist() for k in (5, 9, 7)]
     width = max(map(len, seqs)) + 2
     ids = torch.zeros(3, width, dtype=torch.long)
     att = torch.zeros(3, width, dtype=torch.long)
     for i, s in enumerate(seqs):  # left padding by i, right padding after
         ids[i, i:i + len(s)] = torch.tensor(s)
         att[i, i:i + len(s)] = 1
-    resp = att.clone()
+    resp = att.clone().float()
     resp[:, :3] = 0
+    return seqs, ids, att, resp
+
+
+def test_sequence_logprobs_against_per_sequence_forward():
+    lm = new_tiny_model(seed=3, vocab_size=40).eval()
+    seqs, ids, att, resp = _padded_batch()
     out = sequence_logprobs(lm, ids, att, resp, entropy=True, hidden=True)
     for i, s in enumerate(seqs):
         with torch.no_grad():
@@ -176,9 +181,37 @@ def test_sequence_logprobs_against_per_sequence_forward():
             pos = i + t
             expected = (logits[t - 1].log_softmax(-1)[s[t]]).item() if resp[i, pos] else 0.0
             assert abs(out.logp[i, pos].item() - expected) < 1e-5
-            p = logits[t - 1].softmax(-1)
-            assert abs(out.entropy[i, pos].item() + (p * p.log()).sum().item()) < 1e-4
+            if resp[i, pos]:
+                p = logits[t - 1].softmax(-1)
+                assert abs(out.entropy[i, pos].item() + (p * p.log()).sum().item()) < 1e-4
     # the hidden states are the final, post-norm ones: the LM head applied to them gives the logits
     with torch.no_grad():
         logits = lm(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
     assert torch.allclose(lm.lm_head(out.hidden), logits, atol=1e-4)
+
+
+def _full_vocab_logprobs(lm, ids, att, resp):
+    """The plain formulation: logits at every position, fp32 log-softmax, gathered."""
+    logits = lm(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
+    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(logp, (1, 0)) * resp
+
+
+@pytest.mark.parametrize("chunk_positions", [1, 2, 100])
+def test_chunked_head_gives_the_same_values_and_gradients(monkeypatch, chunk_positions):
+    """Chunks of 1, 2 or all positions, each recomputed in backward: the same log-probs and the
+    same parameter gradients as the plain full-vocabulary formulation."""
+    import grpo
+    monkeypatch.setattr(grpo, "LOGIT_CHUNK_BYTES", 4 * 3 * 40 * chunk_positions)  # rows x vocab x positions
+    _, ids, att, resp = _padded_batch()
+    weights = torch.randn(resp.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (lambda lm: sequence_logprobs(lm, ids, att, resp).logp, lambda lm: _full_vocab_logprobs(lm, ids, att, resp)):
+        lm = new_tiny_model(seed=3, vocab_size=40)
+        logp = fn(lm)
+        (logp * weights).sum().backward()
+        grads.append((logp.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
+    (ours, ours_grad), (plain, plain_grad) = grads
+    assert torch.allclose(ours, plain, atol=1e-5)
+    for name in plain_grad:
+        assert torch.allclose(ours_grad[name], plain_grad[name], atol=1e-5, rtol=1e-4), name

@@ -70,7 +70,8 @@ def test_fixed_seed_runs_log_the_pinned_metrics(setup):
     with open(GOLDEN) as f:
         pinned = json.load(f)
     for name, rows in pinned.items():
-        assert [sorted(r) for r in got[name]] == [sorted(r) for r in rows], name
+        assert len(got[name]) == len(rows), name
         for row, ref in zip(got[name], rows):
+            assert ref.keys() <= row.keys(), (name, ref.keys() - row.keys())  # new metrics may join
             for key, value in ref.items():
                 assert value == pytest.approx(row[key], rel=1e-5, abs=1e-6), (name, row["step"], key)

@@ -1,8 +1,11 @@
 """sample.py against full forward passes and transformers' own generate."""
 import collections
+import os
+import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sample
@@ -52,7 +55,9 @@ class _Recorder:
         monkeypatch.setattr(sample, "_draw", recording_draw)
 
 
-def test_cached_logits_equal_full_forward(lm, monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # our 4D mask: boolean for sdpa, added for eager
+def test_cached_logits_equal_full_forward(lm, monkeypatch, attention):
+    lm.set_attn_implementation(attention)
     rec = _Recorder(monkeypatch)
     out = sample.generate(lm, PROMPTS, 12, temperature=0)
     ids, mask = sample._left_pad([p + o for p, o in zip(PROMPTS, out)], 0, "cpu")
@@ -177,3 +182,78 @@ def test_stop_string_cuts_after_its_first_occurrence(lm):
         assert (stop in tok.decode(cut)) == (len(cut) < 24) or tok.decode(cut).endswith(stop)
     with pytest.raises(ValueError, match="tokenizer"):
         sample.generate(lm, PROMPTS, 4, stop="x")
+
+
+def test_any_of_several_eos_ids_ends_a_sample(lm):
+    free = sample.generate(lm, PROMPTS, 16, temperature=0)  # greedy rows do not depend on each other
+
+    def cut(row, eos):  # the reference: a row ends at its first EOS, whichever id it is
+        ends = [k + 1 for k, t in enumerate(row) if t in eos]
+        return row[:ends[0]] if ends else row
+    first = free[2][5]
+    second = next(t for row in free for k, t in enumerate(row)  # a row's first token that ends it before `first`
+                  if t != first and first not in row[:k] and t not in row[:k])
+    out = sample.sample(lm, PROMPTS, 16, temperature=0, eos_token_id=[first, second])
+    assert out.tokens == [cut(row, {first, second}) for row in free]
+    assert out.finished == [len(t) < 16 or t[-1] in (first, second) for t in out.tokens]
+    assert any(t[-1] == second for t in out.tokens if len(t) < 16)  # the second id did end a sample
+
+
+def _eos_ending_some(lm, gens):
+    """An EOS id that ends some of 12 samples early and not others (so rows leave mid-generation).
+    (12 rows: a batch equal to a model dimension, 16 in the Llama, would be specialised by compile.)"""
+    for eos in range(3, 64):
+        ro = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens())
+        if 3 <= sum(ro.finished) <= 9:
+            return eos, ro
+    raise AssertionError("no EOS id ends between 3 and 9 of the 12 samples")
+
+
+def test_cache_keeps_its_buffers_and_rows_leave_only_at_reads(lm, monkeypatch):
+    def gens():
+        return [torch.Generator().manual_seed(7 + i) for i in range(len(PROMPTS))]
+    eos, every_step = _eos_ending_some(lm, gens)
+    calls = []
+
+    def record(module, args, kw):
+        if kw.get("past_key_values") is not None:  # decode steps (the prefill has no cache yet)
+            calls.append((kw["attention_mask"].shape, {layer.keys.shape for layer in kw["past_key_values"].layers}))
+    hook = lm.register_forward_pre_hook(record, with_kwargs=True)
+    monkeypatch.setattr(sample, "sync_every", lambda device: 8)  # what an accelerator does
+    every_8th = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens())
+    hook.remove()
+    # one generator per prompt: when finished rows leave does not change any sample
+    assert every_8th == every_step
+    width = max(map(len, PROMPTS))
+    batches = []
+    for step, (mask_shape, kv_shapes) in enumerate(calls):
+        (rows, heads, columns, dim), = kv_shapes
+        assert columns == width + 30  # buffers for the whole generation, from the first step
+        assert mask_shape == (rows, 1, 1, width + step + 1)  # eager: the columns written so far
+        batches.append(rows)
+    changes = [s for s in range(1, len(batches)) if batches[s] != batches[s - 1]]
+    assert batches[0] == 12 and changes and all((s + 1) % 8 == 0 for s in changes)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor on CPU needs a C++ compiler")
+def test_compiled_decode_step_gives_the_same_samples():
+    """Compiled steps attend over the whole cache (fixed shapes) and must match eager ones.
+    fullgraph=True: a graph break (a host sync, a shape-dependent branch) would raise. One
+    model only, a compile costs 10-40 s on CPU: the GQA Llama (the built-in Qwen2 compiles in
+    bench/sample.py, which checks its tokens too)."""
+    lm = _diverse(MODELS["llama-gqa"](0), 0)
+
+    def gens(ids):
+        return [torch.Generator().manual_seed(11 + i) for i in ids]
+    eos, eager = _eos_ending_some(lm, lambda: gens(range(4)))
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens(range(4)), compile=True)
+    assert compiled.tokens == eager.tokens and compiled.finished == eager.finished
+    for a, b in zip(compiled.logprobs, eager.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)  # fused kernels round differently
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, though rows left the batch
+    # a later call with another batch size and cache length reuses it
+    later = dict(num_samples=5, eos_token_id=eos)
+    again = sample.sample(lm, PROMPTS[1:], 24, generator=gens(range(1, 4)), compile=True, **later)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert again.tokens == sample.sample(lm, PROMPTS[1:], 24, generator=gens(range(1, 4)), **later).tokens

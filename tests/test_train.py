@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import critic
 import train
 from model import TinyTokenizer, new_tiny_model, save_model
@@ -61,8 +62,12 @@ def _untimed(row):
     return {k: v for k, v in row.items() if k not in TIMING}
 
 
+def _latest(out):
+    return checkpoint.latest_checkpoint(str(out))
+
+
 def _weights(out):
-    return load_file(os.path.join(out, "model", "model.safetensors"))
+    return load_file(os.path.join(_latest(out), "model.safetensors"))
 
 
 def test_two_processes_equal_one(setup):
@@ -111,7 +116,7 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     assert "Ctrl-C" in err
     stopped_at = _metrics(out)[-1]["step"]
     assert 1 <= stopped_at < 4
-    state = torch.load(out / "model" / "trainer_state.pt", weights_only=True)
+    state = torch.load(os.path.join(_latest(out), "trainer_state.pt"), weights_only=True)
     assert state["step"] == stopped_at and set(state["modules"]) == {"clipo", "critic"} & set(mode.split("+"))
     again = _run([sys.executable] + _args(setup, out, 4, *extra, "--resume", mode=mode))
     assert again.returncode == 0, again.stderr[-2000:]
@@ -129,8 +134,8 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     (["--mode", "ppo"], "unknown --mode"),
     (["--group-size", "1"], "at least 2 rollouts"),
     (["--prompts-per-step", "6", "--minibatches", "4"], "do not split into --minibatches"),
-    (["--model", "no/such/dir"], "no model at no/such/dir"),
-    (["--resume"], "no checkpoint"),
+    (["--model", "./no/such/dir"], "no model at ./no/such/dir"),
+    (["--resume"], "no intact checkpoint"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, argv, message):
     args = train.parse_args(["--out", str(tmp_path / "run"), *argv])
@@ -179,8 +184,8 @@ def test_real_model_path_with_chat_template(tmp_path):
     row = _metrics(out)[1]
     assert row["response_length_max"] == 8 and row["success_rate"] == 0
     # the checkpoint is a plain save_pretrained directory with its tokenizer and chat template
-    AutoModelForCausalLM.from_pretrained(out / "model")
-    assert AutoTokenizer.from_pretrained(out / "model").chat_template
+    AutoModelForCausalLM.from_pretrained(_latest(out))
+    assert AutoTokenizer.from_pretrained(_latest(out)).chat_template
     # the prompt went through the chat template: LongProc-style instruction inside the user turn
     assert json.loads((out / "args.json").read_text())["prompt"] == "longproc"
 

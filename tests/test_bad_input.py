@@ -1,0 +1,92 @@
+"""The files and flags people get wrong, each one clear line (or a recovery that says what it
+did), never a traceback or a silently different run: resuming with other flags, damaged
+checkpoints, critic files, an unwritable --out, a metrics log cut mid-line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import checkpoint
+from model import TinyTokenizer, new_tiny_model, save_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
+    return root
+
+
+def _train(setup, out, steps, *extra, mode="grpo"):
+    return subprocess.run([sys.executable, "train.py", "--mode", mode, "--model", str(setup / "model"), "--out",
+                           str(out), "--steps", str(steps), "--prompts-per-step", "2", "--group-size", "2",
+                           "--max-new-tokens", "12", "--minibatches", "1", "--eval-every", "100", "--eval-problems",
+                           "2", "--save-every", "1", "--procs", "1", *extra],
+                          capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(f in last for f in fragments), last
+    return last
+
+
+def _steps(out):
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_with_flags_that_define_the_run_is_refused_and_changes_are_recorded(setup):
+    out = setup / "resume"
+    assert _train(setup, out, 2).returncode == 0
+    _one_line_error(_train(setup, out, 3, "--resume", mode="clipo"), "--mode clipo", "the run's grpo")
+    _one_line_error(_train(setup, out, 3, "--resume", "--seed", "7"), "--seed 7", "the run's 0")
+    assert json.loads((out / "args.json").read_text())["mode"] == "grpo" and _steps(out) == [0, 1, 2]
+    again = _train(setup, out, 3, "--resume", "--eval-every", "3")  # the steps and a cadence may change
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "args.json").read_text())["steps"] == 2  # what steps 1-2 ran with
+    history = [json.loads(line) for line in (out / "args_history.jsonl").read_text().splitlines()]
+    assert history == [{"from_step": 2, "changed": {"steps": 3, "eval_every": 3}}]
+
+
+def test_a_truncated_checkpoint_is_one_line_and_resume_falls_back(setup):
+    out = setup / "damaged"
+    assert _train(setup, out, 3).returncode == 0
+    latest = checkpoint.latest_checkpoint(str(out))
+    weights = os.path.join(latest, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    _one_line_error(_train(setup, setup / "other", 1, "--model", latest), "model.safetensors", "truncated")
+    evaluation = subprocess.run([sys.executable, "eval.py", "--model", latest, "--procedural", "2"],
+                                capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert evaluation.returncode != 0 and "Traceback" not in evaluation.stderr
+    assert "model.safetensors is truncated" in evaluation.stderr.strip().splitlines()[-1]
+    resumed = _train(setup, out, 4, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "model.safetensors is truncated" in resumed.stderr and "trying the previous one" in resumed.stderr
+    assert _steps(out) == [0, 1, 2, 3, 4]  # step 3 ran again from step 2's checkpoint
+
+
+def test_an_unwritable_out_is_one_line_before_any_process_starts(setup, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for procs in ("1", "2"):
+        result = _train(setup, blocker / "run", 1, "--procs", procs)
+        _one_line_error(result, "--out", "cannot write there")
+        assert "leaked semaphore" not in result.stderr
+
+
+def test_a_partial_last_metrics_line_is_dropped_on_resume(setup):
+    out = setup / "partial"
+    assert _train(setup, out, 2).returncode == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.1')  # killed mid-write
+    resumed = _train(setup, out, 3, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "dropped a partial last line" in resumed.stderr
+    assert _steps(out) == [0, 1, 2, 3]

@@ -432,6 +432,8 @@ HELDOUT_SEED = 20_251_122  # the held-out stream; training streams use other see
 PRESETS = {  # problem distributions: keyword arguments of random_problem
     # the built-in tiny model's: 4 one-digit numbers, searches of at most ~20 tries (CPU-sized)
     "tiny": {"n": 4, "num_range": (1, 9), "target_range": TARGET_RANGE, "tokens": (0, 1100)},
+    # out of distribution for the tiny model: the same numbers, targets above any it trains on
+    "tiny-ood": {"n": 4, "num_range": (1, 9), "target_range": (51, 99), "tokens": (0, 1100)},
     # LongProc's 0.5k split: 4 numbers in 1..49, 330-510 search tokens
     "longproc": {"n": 4, "num_range": NUM_RANGE, "target_range": TARGET_RANGE, "tokens": (330, 510)},
 }

@@ -1,8 +1,10 @@
 """The contrastive goal-conditioned critic: from this state, can the target still be reached?
 
-    python critic.py --minutes 5 --out runs/critic.safetensors                   # hindsight sampler
-    python critic.py --minutes 5 --sampler trace --out runs/critic_trace.safetensors  # the paper's
+    python critic.py --minutes 10 --out runs/critic.safetensors                   # hindsight sampler
+    python critic.py --minutes 10 --preset longproc --out runs/critic_longproc.safetensors
+    python critic.py --minutes 10 --sampler trace --out runs/critic_trace.safetensors  # the paper's
     python critic.py --eval runs/critic.safetensors --plot runs/critic_similarity.png
+    python bench/critic.py --minutes 10 --seeds 0 1 2                            # a table over seeds
 
 The model is the "numerical critic V2" of Shah, Wang & Yan. A state is the set of numbers still
 available; the goal is the target. Each number is read through digit embeddings (one table per
@@ -13,13 +15,21 @@ is phi . psi / tau (tau learned). Their V1 also saw the initial numbers: since t
 always reachable from a problem's initial numbers, it collapsed to a parity feature. V2 sees
 only the state, so it must learn what the state can still reach.
 
-Training is InfoNCE with in-batch negatives on (state, goal) pairs from searches of fresh
-generated problems (held-out and LongProc test problems excluded), two samplers:
-  trace:     a state of a search, paired with that search's target (the paper's; dead ends
-             are taught to lead to the target);
-  hindsight: a state paired with a value the search actually reached below it.
-Evaluation: AUROC of the score against the exact oracle (countdown.solvable) on states of
-held-out problems' searches paired with their targets, half reachable and half not.
+Training is InfoNCE (state, goal) with in-batch negatives, batch 256, AdamW with a cosine
+decay over the run. Its rows are states the reference search (countdown.search_states) writes,
+drawn per state size (3 / 2 / 1 numbers, 2:2:1), not per line of a search, whose lines are
+mostly leaves; no held-out or LongProc test problem is ever searched. Two samplers:
+  hindsight: searches of fresh random instances (the preset's numbers and targets, solvable or
+             not); a state is paired with a value the search reached below it (in the target
+             range when it reached one there), and a value the search reached below a state is
+             never a negative for it: where the search finished the state's subtree, every
+             in-batch negative is then truly unreachable.
+  trace:     the paper's: a state of a solvable problem's search with that search's target
+             (dead ends are taught to lead to the target).
+The oracle (countdown.solvable) never labels training rows: it only evaluates. Evaluation: AUROC
+against the oracle per state size on held-out problems: every state one, two and three moves
+from a problem's numbers (all legal moves, not only the ones the search takes) with its target,
+balanced reachable / unreachable per size. The headline is the 3-number AUROC (the first move).
 Imports: countdown, torch (matplotlib optionally, for --plot).
 """
 import argparse
@@ -27,6 +37,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import torch
@@ -39,7 +50,9 @@ import countdown
 
 PLACES = 4              # digits per number; larger numbers are read as 9999 (never reachable anyway)
 EMPTY = 10              # the "no digit" symbol of a place beyond a number's length
-EVAL_PROBLEMS = 300     # held-out problems whose search states make the evaluation pairs
+EVAL_PROBLEMS = 300     # held-out problems whose successor states make the evaluation pairs
+POOL_ROWS = 20_000      # rows kept per state size; each step adds FRESH_SEARCHES new searches
+FRESH_SEARCHES = 8
 
 
 def digits(values):
@@ -111,6 +124,22 @@ def save(critic, path):
     save_file(critic.state_dict(), path, metadata={"config": json.dumps(critic.config)})
 
 
+def check_file(path):
+    """`path` if it holds a critic written by `save`, else a one-line ValueError (before any
+    model loads: a wrong --critic should not cost the user a policy load first)."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isfile(path):
+        raise ValueError(f"critic {path}: no such file (train one: python critic.py --out {path})")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"critic {path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if "config" not in metadata:
+        raise ValueError(f"critic {path}: a safetensors file, but not a critic (no config; write it with critic.save)")
+    return path
+
+
 def load(path):
     """A trained Critic from a safetensors file written by `save`."""
     from safetensors import safe_open
@@ -124,36 +153,157 @@ def load(path):
 # ---------------------------------------------------------------------------------------------
 # Data
 
-def sample_pairs(rng, sampler, size, exclude, preset="tiny", per_problem=8):
-    """`size` (state, goal) pairs from searches of fresh problems."""
-    states, goals = [], []
-    while len(states) < size:
-        problem = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS[preset])
-        visited = countdown.search_states(*problem)
-        for numbers, reached in rng.sample(visited, min(per_problem, len(visited))):
-            states.append(numbers)
-            goals.append(problem.target if sampler == "trace" else rng.choice(sorted(reached)))
-    return states[:size], goals[:size]
+def random_instance(rng, preset, exclude):
+    """Numbers and a target from the preset's ranges, solvable or not, never a key in `exclude`."""
+    p = countdown.PRESETS[preset]
+    while True:
+        nums = tuple(rng.randint(*p["num_range"]) for _ in range(p["n"]))
+        target = rng.randint(*p["target_range"])
+        if countdown.problem_key(nums, target) not in exclude:
+            return nums, target
 
 
-def infonce(logits, goals):
-    """Symmetric InfoNCE; other rows with the very same goal value are not negatives."""
-    same = goals[:, None] == goals[None, :]
-    eye = torch.eye(len(goals), dtype=torch.bool, device=logits.device)
-    masked = logits.masked_fill(same & ~eye, float("-inf"))
-    labels = torch.arange(len(goals), device=logits.device)
+class RowPool:
+    """Rows (state, reached, target) kept per state size, at most `capacity` each: once a size is
+    full, a new row replaces a random one. reached: values reached below the state."""
+
+    def __init__(self, capacity=POOL_ROWS):
+        self.capacity, self.rows = capacity, {}
+
+    def add(self, rng, rows):
+        for row in rows:
+            kept = self.rows.setdefault(len(row[0]), [])
+            if len(kept) < self.capacity:
+                kept.append(row)
+            else:
+                kept[rng.randrange(self.capacity)] = row
+
+    def sample(self, rng, counts):
+        """{size: n} -> n rows of each state size, drawn without replacement."""
+        return [row for k, n in counts.items() for row in rng.sample(self.rows[k], n)]
+
+
+class SearchPool(RowPool):
+    """A RowPool fed by reference searches (countdown.search_states).
+
+    reached: the values the search reached below the state. The search stops only on the target,
+    so where the target is not in `reached` it explored the state's whole subtree and `reached`
+    is everything the state can reach. hindsight searches fresh random instances: an unsolvable
+    one is searched to the end, which is where 3-number subtrees get finished (the preset's short
+    searches never leave their first 3-number state, which is on the way to the target). trace
+    searches the preset's solvable problems. Each `sample` first adds `fresh` searches: a search
+    costs more than a step's use of its rows.
+    """
+
+    def __init__(self, rng, sampler, preset, exclude, capacity=POOL_ROWS, fresh=FRESH_SEARCHES):
+        super().__init__(capacity)
+        self.rng, self.sampler, self.preset, self.exclude, self.fresh = rng, sampler, preset, exclude, fresh
+
+    def add_search(self):
+        if self.sampler == "trace":
+            nums, target = countdown.random_problem(self.rng, exclude=self.exclude, **countdown.PRESETS[self.preset])
+        else:
+            nums, target = random_instance(self.rng, self.preset, self.exclude)
+        self.add(self.rng, [(state, reached, target) for state, reached in countdown.search_states(nums, target)])
+
+    def sample(self, counts):
+        added = 0
+        while added < self.fresh or any(len(self.rows.get(k, ())) < n for k, n in counts.items()):
+            self.add_search()
+            added += 1
+        return super().sample(self.rng, counts)
+
+
+def size_counts(batch_size, preset):
+    """Rows per state size: weight 2 for states of 2+ numbers, 1 for one-number leaves."""
+    sizes = range(countdown.PRESETS[preset]["n"] - 1, 0, -1)
+    weights = [2 if k > 1 else 1 for k in sizes]
+    counts = [batch_size * w // sum(weights) for w in weights]
+    counts[0] += batch_size - sum(counts)
+    return dict(zip(sizes, counts))
+
+
+def make_batch(rng, pool, batch_size):
+    """A batch of the pool's rows, drawn per state size (size_counts): see rows_batch."""
+    return rows_batch(rng, pool.sample(size_counts(batch_size, pool.preset)), pool.sampler, pool.preset)
+
+
+def rows_batch(rng, rows, sampler, preset):
+    """states, goals [B], known [B, B] (goal j was reached below state i: no negative for it)."""
+    lo, hi = countdown.PRESETS[preset]["target_range"]
+    states, goals, known_sets = [], [], []
+    for state, reached, target in rows:
+        if sampler == "trace":
+            goal, known = target, {target}
+        else:
+            in_range = [v for v in sorted(reached) if lo <= v <= hi]
+            goal, known = rng.choice(in_range or sorted(reached)), reached
+        states.append(state)
+        goals.append(goal)
+        known_sets.append(known)
+    column = {g: c for c, g in enumerate(sorted(set(goals)))}  # known[i, j] = goal j in known_sets[i]
+    hits = [(i, column[v]) for i, k in enumerate(known_sets) for v in k if v in column]
+    bits = torch.zeros((len(rows), len(column)), dtype=torch.bool)
+    bits[tuple(torch.tensor(hits).T)] = True
+    return states, torch.tensor(goals), bits[:, [column[g] for g in goals]]
+
+
+def fit_batch(model, optimizer, states, goals, known):
+    """One InfoNCE step of `model` on a batch; returns the loss, detached (no host sync here)."""
+    loss = infonce(model.logits(*pad_states(states), goals), known)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def infonce(logits, known):
+    """Symmetric InfoNCE over a batch whose positives sit on the diagonal of logits [B, B]
+    (state i against goal j). known[i, j]: goal j is known reachable from state i, so it is no
+    negative there (masked; the same goal value in another row is one such case)."""
+    eye = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    masked = logits.masked_fill(known & ~eye, float("-inf"))
+    labels = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(masked, labels) + F.cross_entropy(masked.T, labels))
 
 
-def oracle_pairs(n_problems=EVAL_PROBLEMS, preset="tiny", seed=0):
-    """Held-out (state, target, reachable) pairs, half reachable and half not."""
-    pos, neg = [], []
-    for p in countdown.heldout_problems(n_problems, preset):
-        for numbers, _ in countdown.search_states(*p):
-            (pos if countdown.solvable(numbers, p.target) else neg).append((numbers, p.target))
+# ---------------------------------------------------------------------------------------------
+# Evaluation against the exact oracle
+
+def successors(state):
+    """Every distinct state one legal move from `state` (sorted tuples)."""
+    out = set()
+    for i in range(len(state)):
+        for j in range(i + 1, len(state)):
+            rest = state[:i] + state[i + 1:j] + state[j + 1:]
+            big, small = max(state[i], state[j]), min(state[i], state[j])
+            for op in countdown.OPS:
+                value = countdown.whole_result(big, small, op)
+                if value is not None and value < countdown.MAX_VALUE:
+                    out.add(tuple(sorted(rest + (value,))))
+    return sorted(out)
+
+
+def oracle_pairs(n_problems=EVAL_PROBLEMS, preset="tiny", seed=0, per_class=1000):
+    """Held-out evaluation pairs by state size: {size: [(state, target, reachable)]}.
+
+    For each of the first n_problems held-out problems, every distinct state one, two, ...
+    moves from its numbers, with its target, labelled by the exact oracle; per size, up to
+    per_class reachable and as many unreachable pairs, drawn at random (seeded)."""
     rng = random.Random(seed)
-    k = min(len(pos), len(neg))
-    return [(s, t, True) for s, t in rng.sample(pos, k)] + [(s, t, False) for s, t in rng.sample(neg, k)]
+    pools = {}
+    for problem in countdown.heldout_problems(n_problems, preset):
+        level = [tuple(sorted(problem.nums))]
+        while len(level[0]) > 1:
+            level = sorted({s for parent in level for s in successors(parent)})
+            pos, neg = pools.setdefault(len(level[0]), ([], []))
+            for state in level:
+                (pos if countdown.solvable(state, problem.target) else neg).append((state, problem.target))
+    out = {}
+    for size, (pos, neg) in sorted(pools.items(), reverse=True):
+        k = min(len(pos), len(neg), per_class)
+        out[size] = [(s, t, True) for s, t in rng.sample(pos, k)] + [(s, t, False) for s, t in rng.sample(neg, k)]
+    return out
 
 
 def auroc(scores, labels):
@@ -174,54 +324,136 @@ def auroc(scores, labels):
 
 
 def evaluate(critic, pairs=None, preset="tiny"):
+    """{state size: AUROC against the exact oracle} on `pairs` (default: oracle_pairs(preset))."""
     pairs = pairs or oracle_pairs(preset=preset)
-    scores = critic.score([s for s, _, _ in pairs], [t for _, t, _ in pairs]).tolist()
-    return auroc(scores, [y for _, _, y in pairs])
+    out = {}
+    for size, rows in pairs.items():
+        scores = critic.score([s for s, _, _ in rows], [t for _, t, _ in rows]).tolist()
+        out[size] = auroc(scores, [y for _, _, y in rows])
+    return out
+
+
+def format_aurocs(aurocs):
+    return " ".join(f"{size}num {value:.3f}" for size, value in sorted(aurocs.items(), reverse=True))
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def train(minutes=5.0, steps=None, sampler="hindsight", preset="tiny", batch_size=512, lr=2e-3, seed=0, progress=True):
-    """Train a fresh critic for `steps` steps, or for `minutes` of wall time."""
+def train(minutes=10.0, steps=None, sampler="hindsight", preset="tiny", batch_size=256, lr=2e-3, seed=0,
+          progress=True, eval_every=250):
+    """Train a fresh critic for `steps` steps, or for `minutes` of wall time. The learning rate
+    warms up over 50 steps and decays on a cosine over the steps, or over the minutes."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     critic = Critic()
     optimizer = torch.optim.AdamW(critic.parameters(), lr=lr, weight_decay=0.01)
-    exclude = countdown.never_train_on(preset)
-    start, step = time.time(), 0
-    total = steps or None
-    bar = tqdm(total=total, desc=f"critic ({sampler})", disable=not progress)
-    while (step < steps) if steps else (time.time() - start < 60 * minutes):
-        states, goals = sample_pairs(rng, sampler, batch_size, exclude, preset)
-        values, present = pad_states(states)
-        goal_values = torch.tensor(goals)
-        loss = infonce(critic.logits(values, present, goal_values), goal_values)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    pool = SearchPool(rng, sampler, preset, countdown.never_train_on(preset))
+    log_pairs = oracle_pairs(EVAL_PROBLEMS // 2, preset, per_class=300)  # a cheap look, for the log
+    start, step, history = time.time(), 0, []
+    bar = tqdm(total=steps, desc=f"critic ({sampler}, {preset})", disable=not progress)
+    while True:
+        done = step / steps if steps else (time.time() - start) / (60 * minutes)
+        if done >= 1:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * done))
+        loss = fit_batch(critic, optimizer, *make_batch(rng, pool, batch_size))
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=round(loss.item(), 3))
+        if step % eval_every == 0:
+            critic.eval()
+            aurocs = evaluate(critic, log_pairs)
+            critic.train()
+            history.append({"step": step, "seconds": round(time.time() - start, 1), **aurocs})
+            bar.set_postfix_str(f"loss {loss.item():.3f} AUROC {format_aurocs(aurocs)}")
+            if progress:
+                bar.write(f"step {step} ({time.time() - start:.0f} s): loss {loss.item():.3f}, "
+                          f"held-out AUROC by state size {format_aurocs(aurocs)}")
     bar.close()
     critic.eval()
-    critic.trained = {"steps": step, "seconds": time.time() - start, "sampler": sampler, "preset": preset}
+    critic.trained = {"steps": step, "seconds": time.time() - start, "sampler": sampler, "preset": preset,
+                      "log": history}
     return critic
 
 
-@torch.no_grad()
-def batch_report(critic, sampler, preset="tiny", size=256, seed=123):
-    """In-batch top-1 accuracy (each state's best goal is its own) and the similarity matrix."""
-    states, goals = sample_pairs(random.Random(seed), sampler, size, countdown.never_train_on(preset), preset)
-    values, present = pad_states(states)
-    goal_values = torch.tensor(goals)
-    logits = critic.logits(values, present, goal_values)
-    same = goal_values[:, None] == goal_values[None, :]
-    top1 = same[torch.arange(size), logits.argmax(-1)].float().mean().item()
-    return top1, logits
+# ---------------------------------------------------------------------------------------------
+# Online: hindsight rows from the policy's own searches (train.py --critic-online)
+
+ONLINE_LR = 1e-3        # AdamW during RL: half the offline peak, constant (the pool drifts with the policy)
+ONLINE_MIN_ROWS = 64    # no update before the pool holds a batch worth learning from
 
 
-def plot_similarity(logits, path):
+def written_rows(nums, target, states):
+    """Hindsight rows (state, reached, target) of one search a policy wrote, no oracle involved.
+
+    states: the number sets it writes, in order (countdown.extract_states). A state's parent is
+    the latest open state with one more number (the problem's numbers above the first move); a
+    written state closes every open state of its size or smaller (the search came back up). A
+    state that is not one legal move from its parent (a slip in the arithmetic or the
+    bookkeeping) is dropped, and so is everything written below it. reached: the one-number
+    results written below the state (itself, for a leaf); a state with none makes no row."""
+    open_states = {len(nums): (tuple(sorted(nums)), None)}  # size -> (state, reached; None: the root)
+    rows = []
+    for written in states:
+        state = tuple(sorted(written))
+        parent = open_states.get(len(state) + 1)
+        for size in [k for k in open_states if k <= len(state)]:
+            del open_states[size]
+        if parent is None or state not in successors(parent[0]):
+            continue
+        reached = set()
+        if len(state) == 1:
+            for _, above in open_states.values():
+                if above is not None:
+                    above.add(state[0])
+            reached.add(state[0])
+        open_states[len(state)] = (state, reached)
+        rows.append((state, reached))
+    return [(state, tuple(sorted(reached)), target) for state, reached in rows if reached]
+
+
+class OnlineTrainer:
+    """Trains `model` (a Critic) during RL on written_rows of the policy's rollouts, kept per state
+    size in a RowPool; `state_dict` (optimizer and pool) goes into the run's checkpoints, the
+    critic's weights with the run's other modules."""
+
+    def __init__(self, model, preset, batch_size=256, capacity=POOL_ROWS):
+        self.model, self.preset, self.batch_size = model, preset, batch_size
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=ONLINE_LR, weight_decay=0.01)
+        self.pool = RowPool(capacity)
+        self.eval_pairs = None
+
+    def step(self, rng, rows):
+        """Add `rows`, then one InfoNCE step on a batch drawn per state size (as offline, capped by
+        what the pool holds); the loss, or None while the pool is too small."""
+        self.pool.add(rng, rows)
+        wanted = size_counts(self.batch_size, self.preset)
+        counts = {k: min(n, len(self.pool.rows.get(k, ()))) for k, n in wanted.items()}
+        if sum(counts.values()) < ONLINE_MIN_ROWS:
+            return None
+        batch = rows_batch(rng, self.pool.sample(rng, counts), "hindsight", self.preset)
+        self.model.train()
+        loss = fit_batch(self.model, self.optimizer, *batch)
+        self.model.eval()
+        return loss.item()
+
+    def evaluate(self):
+        """{state size: AUROC} against the exact oracle on held-out states (as the offline log)."""
+        if self.eval_pairs is None:
+            self.eval_pairs = oracle_pairs(EVAL_PROBLEMS // 2, self.preset, per_class=300)
+        return evaluate(self.model, self.eval_pairs)
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "pool": self.pool.rows}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pool.rows = state["pool"]
+
+
+def plot_similarity(critic, sampler, preset, path, size=64, seed=123):
+    """A batch's scores phi(s_i) . psi(g_j) / tau, rows ordered by state size."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -229,10 +461,15 @@ def plot_similarity(logits, path):
     except ImportError:
         print("the similarity picture needs matplotlib, an optional extra: pip install matplotlib")
         return
+    rng = random.Random(seed)
+    pool = SearchPool(rng, sampler, preset, countdown.never_train_on(preset))
+    states, goals, _ = make_batch(rng, pool, size)
+    with torch.no_grad():
+        logits = critic.logits(*pad_states(states), goals)
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    im = ax.imshow(logits[:64, :64].numpy(), cmap="viridis")
+    im = ax.imshow(logits.numpy(), cmap="viridis")
     ax.set_xlabel("goal j")
-    ax.set_ylabel("state i")
+    ax.set_ylabel("state i (3, 2, then 1 numbers)")
     ax.set_title("critic scores phi(s_i) . psi(g_j) / tau")
     fig.colorbar(im)
     fig.tight_layout()
@@ -242,7 +479,7 @@ def plot_similarity(logits, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--steps", type=int, help="train for this many steps instead of --minutes")
     ap.add_argument("--sampler", choices=("hindsight", "trace"), default="hindsight")
     ap.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny", help="problems the states come from")
@@ -251,21 +488,29 @@ def main():
     ap.add_argument("--plot", metavar="PNG", help="also draw a batch's similarity matrix")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.eval:
+        try:
+            check_file(args.eval)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     torch.set_num_threads(2)
     if args.eval:
-        critic, sampler = load(args.eval), args.sampler
+        critic = load(args.eval)
     else:
         critic = train(args.minutes, args.steps, args.sampler, args.preset, seed=args.seed)
-        sampler = args.sampler
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         save(critic, args.out)
-        print(f"{critic.trained['steps']} steps in {critic.trained['seconds'] / 60:.1f} min; saved {args.out}")
-    top1, logits = batch_report(critic, sampler, args.preset)
-    print(f"AUROC vs the exact oracle: {evaluate(critic, preset=args.preset):.4f}   "
-          f"in-batch top-1 ({sampler} pairs): {top1:.3f}   "
-          f"parameters: {sum(p.numel() for p in critic.parameters()):,}")
+        steps, minutes = critic.trained["steps"], critic.trained["seconds"] / 60
+        print(f"{steps} steps in {minutes:.1f} min ({steps / minutes:.0f} steps/min); saved {args.out}")
+    pairs = oracle_pairs(preset=args.preset)
+    aurocs = evaluate(critic, pairs)
+    print(f"AUROC vs the exact oracle on {EVAL_PROBLEMS} held-out {args.preset} problems "
+          f"({sum(p.numel() for p in critic.parameters()):,} parameters); headline: 3 numbers")
+    print("| state size | pairs (half reachable) | AUROC |\n|---|---|---|")
+    for size, value in aurocs.items():
+        print(f"| {size} number{'s' * (size > 1)} | {len(pairs[size])} | {value:.4f} |")
     if args.plot:
-        plot_similarity(logits, args.plot)
+        plot_similarity(critic, args.sampler, args.preset, args.plot)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,15 @@ def all_reduce(values, world, op="sum"):
     return t.tolist()
 
 
+def all_gather_lists(items, world):
+    """Every process's list, concatenated in rank order, on every process (small Python objects)."""
+    if world == 1:
+        return list(items)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
 class StopRequest:
     """Ctrl-C or SIGTERM (what torchrun and schedulers send): finish the step, save, exit 0.
     A second signal more than a second later exits at once (torchrun forwards a Ctrl-C that the

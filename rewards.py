@@ -3,7 +3,8 @@
     correct, formatted = outcome(problems, texts)                   # 0/1 tensors [N]
     values = state_values(problems, texts, critic)                   # critic; critic=None: the oracle
     bonus = sequence_credit(values)                                  # [N]: mean state value per rollout
-    steps, mask = process_credit(values, texts, tokens, tokenizer, width)   # [N, width] per-token rewards
+    credits = move_credit(values)                                    # or potential_credit: [(offset, reward)]
+    steps, mask = token_rewards(credits, tokens, tokenizer, width)   # [N, width] per-token rewards
 
 Reward terms. A mode (`train.py --mode clipo+critic`) names the terms of REWARD_TERMS it adds to
 the outcome reward; a term is one function registered with `@reward_term`:
@@ -22,17 +23,19 @@ States. A state is a number set `countdown.extract_states` finds in a completion
 the exact oracle's 0/1 ("can the target still be reached from here?") or the critic's probability
 of the target against a bank of the other targets the problem distribution uses (a softmax over
 the critic's scores: higher when the state points at this target and few others).
-Imports: countdown, grpo, clipo (metric names), model (token offsets), distributed (seeds), torch.
+Imports: countdown, critic (online rows), grpo, clipo (metric names), model (token offsets), distributed, torch.
 """
 import bisect
+import random
 from typing import Callable, NamedTuple
 
 import torch
 
 import clipo
 import countdown
+import critic
 import grpo
-from distributed import seed_for
+from distributed import all_gather_lists, seed_for
 from model import token_end_offsets
 
 TARGET_BANK = list(range(countdown.TARGET_RANGE[0], countdown.TARGET_RANGE[1] + 1))
@@ -45,44 +48,88 @@ def outcome(problems, texts):
     return torch.tensor(correct, dtype=torch.float), torch.tensor(formatted, dtype=torch.float)
 
 
-def state_values(problems, texts, critic=None):
-    """Per rollout, [(char offset, value)] for every state it writes (see module docstring)."""
-    found = [countdown.extract_states(t) for t in texts]
+class State(NamedTuple):
+    offset: int    # index in the completion of the state's last character
+    size: int      # how many numbers it holds (n - 1 after the first move, ..., 1 at a leaf)
+    value: float   # the oracle's 0/1 or the critic's probability that the target is reachable
+
+
+def values_of(states, targets, critic=None):
+    """The value of each (state, target): the exact oracle's 0/1 (critic=None), or the critic's
+    probability of the target against a bank of the distribution's targets (a softmax of its
+    scores: high when the state points at this target and few others)."""
     if critic is None:
-        return [[(o, float(countdown.solvable(s, p.target))) for o, s in states] for p, states in zip(problems, found)]
+        return [float(countdown.solvable(s, t)) for s, t in zip(states, targets)]
+    if not states:
+        return []
+    bank = [sorted(set(TARGET_BANK) | {t}) for t in targets]
+    scores = critic.score([s for s, b in zip(states, bank) for _ in b], [x for b in bank for x in b]).tolist()
+    out, at = [], 0
+    for t, targets_of in zip(targets, bank):
+        out.append(torch.tensor(scores[at:at + len(targets_of)]).softmax(0)[targets_of.index(t)].item())
+        at += len(targets_of)
+    return out
+
+
+def state_values(problems, texts, critic=None):
+    """Per rollout, a State for every state it writes, in writing order."""
+    found = [countdown.extract_states(t) for t in texts]
     flat = [(k, o, s, p.target) for k, (p, states) in enumerate(zip(problems, found)) for o, s in states]
+    values = values_of([s for _, _, s, _ in flat], [t for *_, t in flat], critic)
     out = [[] for _ in texts]
-    if not flat:
-        return out
-    bank = [sorted(set(TARGET_BANK) | {t}) for _, _, _, t in flat]
-    pairs = [(s, b) for (_, _, s, _), targets in zip(flat, bank) for b in targets]
-    scores = critic.score([s for s, _ in pairs], [b for _, b in pairs]).tolist()
-    at = 0
-    for (k, o, _, target), targets in zip(flat, bank):
-        row = torch.tensor(scores[at:at + len(targets)])
-        out[k].append((o, row.softmax(0)[targets.index(target)].item()))
-        at += len(targets)
+    for (k, o, s, _), v in zip(flat, values):
+        out[k].append(State(o, len(s), v))
     return out
 
 
 def sequence_credit(values):
     """Mean state value of each rollout (0 for a rollout that writes no state): [N]."""
-    return torch.tensor([sum(v for _, v in vs) / len(vs) if vs else 0.0 for vs in values])
+    return torch.tensor([sum(s.value for s in vs) / len(vs) if vs else 0.0 for vs in values])
 
 
-def process_credit(values, texts, tokens, tokenizer, width):
-    """Per-token rewards [N, width] (a state's value sits on the token that finishes writing
-    it) and the mask of those positions; column j is response token j."""
-    rewards = torch.zeros((len(values), width))
-    mask = torch.zeros((len(values), width), dtype=torch.bool)
-    for k, (vs, toks) in enumerate(zip(values, tokens)):
-        if not vs:
+def move_credit(values):
+    """The paper's per-move reward, for a search that backtracks: at each depth (state size) the
+    best state the rollout reached earns its value, once; dead ends earn nothing, and no charge
+    is made for visiting them. Per rollout [(offset, reward)]. A complete correct search earns
+    the most a rollout can (one reachable state per depth, the target at the last)."""
+    credits = []
+    for vs in values:
+        best = {}
+        for state in vs:  # the first of the highest-valued states of each size
+            if state.size not in best or state.value > best[state.size].value:
+                best[state.size] = state
+        credits.append(sorted((s.offset, s.value) for s in best.values() if s.value > 0))
+    return credits
+
+
+def potential_credit(values, initial):
+    """Potential-based shaping (Ng, Harada & Russell 1999): each state written earns V(s') - V(s),
+    s the state written before it (the problem's numbers, value `initial[k]`, before the first):
+    per rollout [(offset, reward)]. The rewards sum to V(last state) - V(initial), so shaping
+    changes no return beyond that (the optimal policy is unchanged)."""
+    credits = []
+    for vs, v0 in zip(values, initial):
+        previous, steps = v0, []
+        for state in vs:
+            steps.append((state.offset, state.value - previous))
+            previous = state.value
+        credits.append(steps)
+    return credits
+
+
+def token_rewards(credits, tokens, tokenizer, width):
+    """Per rollout [(char offset, reward)] -> rewards [N, width] on the token that finishes writing
+    each offset's character, and the mask of those positions; column j is response token j."""
+    rewards = torch.zeros((len(credits), width))
+    mask = torch.zeros((len(credits), width), dtype=torch.bool)
+    for k, (cs, toks) in enumerate(zip(credits, tokens)):
+        if not cs:
             continue
         ends = token_end_offsets(tokenizer, toks)
-        for offset, value in vs:
+        for offset, reward in cs:
             j = bisect.bisect_right(ends, offset)  # the first token whose text ends after the offset
             if j < len(toks):
-                rewards[k, j] = value
+                rewards[k, j] += reward
                 mask[k, j] = True
     return rewards, mask
 
@@ -108,37 +155,86 @@ def reward_term(name, metrics, needs_hidden=False):
 
 
 STATE_METRICS = {"bonus_mean": "sequence credit: mean state value per rollout",
-                 "states_per_rollout": "states scored per rollout"}
+                 "states_per_rollout": "states scored per rollout",
+                 "step_reward_sum": "process/move/potential credit: step rewards per rollout, before beta"}
 
 
-def state_credit(run, rollouts, values):
-    """--critic-credit sequence: beta x the mean state value joins the reward; process: each
-    value is a step reward on the token that finishes its state, normalised over the group's
-    steps and weighted by beta (--critic-coef)."""
+CREDITS = ("sequence", "process", "move", "potential")
+
+
+def state_credit(run, rollouts, values, initial):
+    """How state values become rewards (--critic-credit, weight beta = --critic-coef):
+    sequence: beta x the rollout's mean state value joins its reward;
+    process: each value is a step reward on the token that finishes its state, normalised over
+        the group's steps (so dead ends are charged against the group's mean);
+    move: beta x move_credit on those tokens (the best state per depth; dead ends free);
+    potential: beta x potential_credit on those tokens (V(s') - V(s) in writing order).
+    Step rewards become advantages as rewards-to-go (rl.py)."""
     args = run.args
     metrics = {"states_per_rollout": sum(len(v) for v in values) / len(values)}
     if args.critic_credit == "sequence":
         bonus = sequence_credit(values)
         metrics["bonus_mean"] = bonus.mean().item()
         return args.critic_coef * bonus, None, metrics
-    width = rollouts.ids.shape[1]
-    steps, mask = process_credit(values, rollouts.texts, rollouts.tokens, run.tokenizer, width - rollouts.start)
+    if args.critic_credit == "process":
+        credits = [[(s.offset, s.value) for s in vs] for vs in values]
+    elif args.critic_credit == "move":
+        credits = move_credit(values)
+    else:
+        credits = potential_credit(values, initial)
+    width = rollouts.ids.shape[1] - rollouts.start
+    steps, mask = token_rewards(credits, rollouts.tokens, run.tokenizer, width)
     steps = torch.nn.functional.pad(steps, (rollouts.start, 0)).to(run.device)
     mask = torch.nn.functional.pad(mask, (rollouts.start, 0)).to(run.device)
-    normalised = grpo.normalise_step_rewards(steps, mask, args.group_size, scale=not args.no_scale_adv)
-    return None, args.critic_coef * normalised, metrics
+    metrics["step_reward_sum"] = (steps.sum() / len(values)).item()
+    if args.critic_credit == "process":
+        steps = grpo.normalise_step_rewards(steps, mask, args.group_size, scale=not args.no_scale_adv)
+    return None, args.critic_coef * steps, metrics
 
 
-@reward_term("critic", STATE_METRICS)
+def initial_values(problems, critic=None):
+    return values_of([p.nums for p in problems], [p.target for p in problems], critic)
+
+
+CRITIC_METRICS = {**STATE_METRICS,
+                  "online_loss": "--critic-online: the critic's InfoNCE loss on this step's batch",
+                  "online_rows": "--critic-online: hindsight rows the step's rollouts gave (all ranks)",
+                  **{f"auroc_{k}": f"--critic-online: AUROC vs the oracle on held-out {k}-number states (eval steps)"
+                     for k in (3, 2, 1)}}
+
+
+@reward_term("critic", CRITIC_METRICS)
 def critic_credit(run, rollouts, step):
-    """The contrastive critic's values of the states a rollout writes."""
-    return state_credit(run, rollouts, state_values(rollouts.problems, rollouts.texts, run.critic))
+    """The contrastive critic's values of the states a rollout writes; with --critic-online the
+    critic then trains on them (critic.written_rows: hindsight from the rollouts themselves)."""
+    values = state_values(rollouts.problems, rollouts.texts, run.critic)
+    initial = initial_values(rollouts.problems, run.critic) if run.args.critic_credit == "potential" else None
+    bonus, steps, metrics = state_credit(run, rollouts, values, initial)
+    if run.critic_trainer is not None:
+        metrics.update(train_critic_online(run, rollouts, step))
+    return bonus, steps, metrics
+
+
+def train_critic_online(run, rollouts, step):
+    """One critic update on every process's rows: the same rows and seed everywhere, so the
+    replicas stay equal with no gradient collective (the critic lives on the host)."""
+    rows = [row for p, text in zip(rollouts.problems, rollouts.texts)
+            for row in critic.written_rows(p.nums, p.target, [s for _, s in countdown.extract_states(text)])]
+    rows = all_gather_lists(rows, run.world)
+    loss = run.critic_trainer.step(random.Random(seed_for(run.args.seed, "critic-online", step)), rows)
+    metrics = {"online_rows": float(len(rows))}  # the same on every rank, as the loss and AUROCs
+    if loss is not None:
+        metrics["online_loss"] = loss
+    if (step + 1) % run.args.eval_every == 0 or step + 1 == run.args.steps:
+        metrics.update({f"auroc_{k}": v for k, v in run.critic_trainer.evaluate().items()})
+    return metrics
 
 
 @reward_term("oracle", STATE_METRICS)
 def oracle_credit(run, rollouts, step):
     """The exact oracle's 0/1 values of the same states (the upper bound of the critic)."""
-    return state_credit(run, rollouts, state_values(rollouts.problems, rollouts.texts))
+    values = state_values(rollouts.problems, rollouts.texts)
+    return state_credit(run, rollouts, values, initial_values(rollouts.problems))
 
 
 @reward_term("clipo", clipo.METRICS, needs_hidden=True)

@@ -75,21 +75,38 @@ def micro_batches(rows, lengths, start, size, group=None):
             for k in range(0, len(order), size)]
 
 
-def roll_out(run, problems, step):
-    """G rollouts of each problem, packed into rows and decoded."""
-    args, tok = run.args, run.tokenizer
+def choose_groups(flat, keep):
+    """The `keep` groups to train on, in the order drawn: groups with signal (flat[g] False) first."""
+    return sorted(sorted(range(len(flat)), key=lambda g: flat[g])[:keep])
+
+
+def roll_out(run, problems, step, keep):
+    """G rollouts of each problem, decoded; `keep` groups of them packed into rows. When there
+    are more problems than `keep` (--oversample), groups whose outcomes differ come first (DAPO's
+    dynamic sampling: a group of equal rewards has zero advantage, no signal). Also returns the
+    fraction of sampled groups without signal."""
+    args, tok, group = run.args, run.tokenizer, run.args.group_size
     prompts = [encode_prompt(tok, countdown.prompt(p, run.style), chat=run.style == "longproc") for p in problems]
     first = run.rank * len(problems)  # this process's first prompt in the global list
     generators = [torch.Generator(run.device).manual_seed(seed_for(args.seed, "sample", step, first + i))
                   for i in range(len(problems))]
     run.refresh_rollout_model()  # with --bf16, a bf16 copy of the current weights: no autocast needed
     sampled = sample(run.rollout_model, prompts, run.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     num_samples=args.group_size, eos_token_id=run.eos, stop="</Solution>", tokenizer=tok,
-                     generator=generators, pad_token_id=tok.pad_token_id)
-    ids, attention, response, start = grpo.pack_rollouts(prompts, sampled.tokens, tok.pad_token_id, run.device)
-    return Rollouts(problems=[p for p in problems for _ in range(args.group_size)], tokens=sampled.tokens,
-                    texts=[tok.decode(t, skip_special_tokens=True) for t in sampled.tokens],
-                    ids=ids, attention=attention, response=response, start=start)
+                     num_samples=group, eos_token_id=run.eos, stop="</Solution>", tokenizer=tok,
+                     generator=generators, pad_token_id=tok.pad_token_id, compile=args.compile)
+    texts = [tok.decode(t, skip_special_tokens=True) for t in sampled.tokens]
+    correct, formatted = rewards.outcome([p for p in problems for _ in range(group)], texts)
+    grouped = (correct + args.format_reward * formatted).view(-1, group)
+    flat = (grouped.amax(1) == grouped.amin(1)).tolist()
+    chosen = choose_groups(flat, keep)
+    rows = [g * group + j for g in chosen for j in range(group)]
+    ids, attention, response, start = grpo.pack_rollouts([prompts[g] for g in chosen],
+                                                         [sampled.tokens[i] for i in rows], tok.pad_token_id,
+                                                         run.device)
+    r = Rollouts(problems=[problems[g] for g in chosen for _ in range(group)],
+                 tokens=[sampled.tokens[i] for i in rows], texts=[texts[i] for i in rows], ids=ids,
+                 attention=attention, response=response, start=start)
+    return r, sum(flat) / len(flat)
 
 
 def old_pass(run, r, hidden):
@@ -181,14 +198,15 @@ def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
 
 def rl_step(run, step):
     args, group, clock = run.args, run.args.group_size, time.perf_counter
-    # 1. prompts: this process's slice of the step's global list
+    # 1. prompts: this process's slice of the step's global list (--oversample: more, to choose from)
     per_rank = args.prompts_per_step // run.world
+    drawn = per_rank + math.ceil(args.oversample * per_rank)
     rng = random.Random(seed_for(args.seed, "prompts", step))
     problems = [countdown.random_problem(rng, exclude=run.exclude, **countdown.PRESETS[args.preset])
-                for _ in range(args.prompts_per_step)][run.rank * per_rank:(run.rank + 1) * per_rank]
+                for _ in range(drawn * run.world)][run.rank * drawn:(run.rank + 1) * drawn]
     # 2. rollouts
     t0 = clock()
-    r = roll_out(run, problems, step)
+    r, sampled_flat = roll_out(run, problems, step, keep=per_rank)
     t1 = clock()
     # 3. old pass
     old_pass(run, r, hidden=any(rewards.REWARD_TERMS[name].needs_hidden for name in run.terms))
@@ -210,14 +228,15 @@ def rl_step(run, step):
             "adv": first.sum().item(), "adv_sq": (first ** 2).sum().item(),
             "flat_groups": (grouped.amax(1) == grouped.amin(1)).sum().item(),
             "entropy": (r.entropy * r.response).sum().item(), "response_tokens": r.response.sum().item(),
-            "length": sum(lengths), "rollouts": len(lengths),
+            "length": sum(lengths), "rollouts": len(lengths), "sampled_flat": sampled_flat,
             **update_stats, **term_metrics}
     g = all_reduce(sums, run.world)
     n = g["rollouts"]
     row = {"loss": g["loss"] / run.world, "reward_mean": g["reward"] / n, "success_rate": g["correct"] / n,
            "format_rate": g["formatted"] / n,
            "adv_std": math.sqrt(max(0.0, g["adv_sq"] / n - (g["adv"] / n) ** 2)),
-           "zero_adv_frac": g["flat_groups"] / (n / group), "kl": g["kl"] / run.world,
+           "zero_adv_frac": g["flat_groups"] / (n / group), "sampled_zero_adv_frac": g["sampled_flat"] / run.world,
+           "kl": g["kl"] / run.world,
            "clip_frac": g["clip_frac"] / run.world, "entropy": g["entropy"] / max(g["response_tokens"], 1),
            "response_length_mean": g["length"] / n,
            "response_length_max": all_reduce([max(lengths)], run.world, "max")[0],

@@ -32,6 +32,7 @@ from model import TinyTokenizer, decoder_layers, eos_token_ids, load_model, load
 
 DEFAULT_MODEL = os.path.join("runs", "tiny-sft")  # the warm start's run directory
 DEFAULT_CRITIC = os.path.join("runs", "critic.safetensors")
+SCRATCH = "scratch"  # --critic scratch: an untrained critic (with --critic-online)
 
 
 def mode_terms(mode):
@@ -81,6 +82,8 @@ class Run:
     """frozen reference for the KL term (only with --kl-coef > 0)"""
     critic: "critic.Critic" = None
     """the contrastive critic (mode "critic")"""
+    critic_trainer: "critic.OnlineTrainer" = None
+    """trains the critic on the rollouts (--critic-online)"""
     clipo: "clipo.ClipoModule" = None
     """CLIPO's head and its optimizer (mode "clipo")"""
 
@@ -107,7 +110,11 @@ class Run:
 
 
 def load_critic(args, rank, world):
-    """The critic of --critic; when the file is absent, rank 0 trains one first (5 minutes)."""
+    """The critic of --critic; when the file is absent, rank 0 trains one first (5 minutes);
+    "scratch": a fresh critic (--critic-online trains it from nothing)."""
+    if args.critic == SCRATCH:
+        torch.manual_seed(seed_for(args.seed, "critic-init"))
+        return critic.Critic().eval()
     if not os.path.exists(args.critic):
         if rank == 0:
             print(f"no critic at {args.critic}: training one first (python critic.py --minutes 5 --out {args.critic})")
@@ -156,6 +163,8 @@ def build_run(args, rank, world, device):
                                    dtype=torch.bfloat16 if args.bf16 else torch.float32).eval().requires_grad_(False)
     if "critic" in terms:
         run.critic = load_critic(args, rank, world)
+        if args.critic_online:
+            run.critic_trainer = critic.OnlineTrainer(run.critic, args.preset)
     if "clipo" in terms:
         torch.manual_seed(seed_for(args.seed, "clipo-init"))
         run.clipo = clipo.ClipoModule(model.config.get_text_config().hidden_size, dim=args.clipo_dim,
@@ -173,7 +182,8 @@ def build_run(args, rank, world, device):
 
 def trained_modules(run):
     """The run's trained parts besides the policy, saved in and restored from checkpoints."""
-    return {name: module for name, module in (("critic", run.critic), ("clipo", run.clipo)) if module is not None}
+    modules = (("critic", run.critic), ("critic_online", run.critic_trainer), ("clipo", run.clipo))
+    return {name: module for name, module in modules if module is not None}
 
 
 def save(run, step, finished):

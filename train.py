@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import clipo
+import critic
 import countdown
 import grpo
 import rewards
@@ -34,13 +35,14 @@ import sft
 from checkpoint import append_metrics, check_model_dir, latest_checkpoint, load_state, read_args, record_args, truncate_metrics
 from distributed import StopRequest, all_reduce, cpu_threads, launch, seed_for, setup_distributed
 from eval import evaluate, wilson
-from run import DEFAULT_CRITIC, DEFAULT_MODEL, build_run, save
+from run import DEFAULT_CRITIC, DEFAULT_MODEL, SCRATCH, build_run, save
 METRICS = {  # what each line of metrics.jsonl holds; the reward terms add theirs (metric_docs)
     "step": "optimizer steps done", "lr": "learning rate of the step",
     "loss": "training loss (SFT: cross-entropy per token; RL: clipped surrogate + KL)",
     "reward_mean": "mean total reward of the rollouts", "success_rate": "fraction of rollouts that verify",
     "format_rate": "fraction of rollouts with a parsable <Solution> block",
     "adv_std": "std of the advantages", "zero_adv_frac": "fraction of groups whose rewards are all equal (no signal)",
+    "sampled_zero_adv_frac": "the same among all sampled groups, before --oversample chose",
     "kl": "approx. KL(old || new) over the updates", "kl_ref": "k3 KL to the reference (with --kl-coef)",
     "clip_frac": "fraction of tokens whose ratio was clipped", "entropy": "mean token entropy of the rollouts",
     "response_length_mean": "mean rollout length (tokens)", "response_length_max": "longest rollout (tokens)",
@@ -92,6 +94,8 @@ def parse_args(argv=None):
     ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--oversample", type=float, default=0.0,
+                    help="draw this fraction more prompts and train on the groups with signal first (DAPO)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--minibatches", type=int, default=2)
@@ -106,8 +110,11 @@ def parse_args(argv=None):
     ap.add_argument("--kl-coef", type=float, default=0.0)
     ap.add_argument("--format-reward", type=float, default=0.1, help="added when a <Solution> block parses")
     # critic / oracle
-    ap.add_argument("--critic", default=DEFAULT_CRITIC, help="critic weights (trained first when absent)")
-    ap.add_argument("--critic-credit", choices=("sequence", "process"), default="sequence")
+    ap.add_argument("--critic", default=DEFAULT_CRITIC, help="critic weights (trained first when absent); 'scratch': untrained (with --critic-online)")
+    ap.add_argument("--critic-online", action="store_true",
+                    help="the critic also trains during RL, on hindsight rows of the rollouts (no oracle)")
+    ap.add_argument("--critic-credit", choices=rewards.CREDITS, default="sequence",
+                    help="how state values become rewards (rewards.state_credit)")
     ap.add_argument("--critic-coef", type=float, default=0.5,
                     help="beta: weight of the state values (sequence) or of the step advantages (process)")
     # CLIPO
@@ -124,7 +131,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="recompute each decoder layer in backward instead of keeping its activations")
     ap.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the training forward and the decode step (CUDA graphs on a GPU)")
     ap.add_argument("--procs", type=int, help="processes on this machine when not under torchrun "
                     "(default: one per core on CPU, where 2 x 1 thread beat 1 x 2 threads; 1 on GPU)")
     args = ap.parse_args(argv)
@@ -152,9 +160,9 @@ def check_args(args, world):
         elif (args.prompts_per_step // world) % args.minibatches:
             problems.append(f"{args.prompts_per_step // world} prompts per process do not split into "
                             f"--minibatches {args.minibatches}")
-        if args.ratio == "geometric" and parts & {"critic", "oracle"} and args.critic_credit == "process":
-            problems.append("--ratio geometric (GMPO) needs one advantage per sequence, but --critic-credit "
-                            "process gives per-token advantages: use sequence credit or another --ratio")
+        if args.ratio == "geometric" and parts & {"critic", "oracle"} and args.critic_credit != "sequence":
+            problems.append(f"--ratio geometric (GMPO) needs one advantage per sequence, but --critic-credit "
+                            f"{args.critic_credit} gives per-token advantages: use sequence credit or another --ratio")
     elif args.batch_size % world:
         problems.append(f"--batch-size {args.batch_size} does not divide by the {world} processes")
     if args.fsdp and world < 2:
@@ -172,6 +180,15 @@ def check_args(args, world):
             check_model_dir(args.model)
         except ValueError as e:
             problems.append(str(e))
+    if args.critic_online and "critic" not in parts:
+        problems.append("--critic-online trains the critic of mode critic: add critic to --mode")
+    if args.critic == SCRATCH and not args.critic_online:
+        problems.append("--critic scratch is an untrained critic: it needs --critic-online")
+    if "critic" in parts and args.critic != SCRATCH and (args.critic != DEFAULT_CRITIC or os.path.exists(args.critic)):
+        try:  # a missing default critic is trained first; any other must be a critic file
+            critic.check_file(args.critic)
+        except ValueError as e:
+            problems.append(f"--critic: {e}")
     try:  # before any process starts: an unwritable --out fails here, not in a spawned worker
         os.makedirs(args.out, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()

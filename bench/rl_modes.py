@@ -1,6 +1,6 @@
 """RL modes side by side: same budget, several seeds, one table with 95% intervals.
 
-    python bench/rl_modes.py --modes grpo critic oracle --seeds 0 1 2 --steps 100
+    python bench/rl_modes.py --modes grpo critic oracle --seeds 0 1 2 --steps 40
     python bench/rl_modes.py --modes grpo "oracle --critic-credit move" --seeds 0 1 2 --json runs/modes.json
     python bench/rl_modes.py --modes grpo clipo --steps 40 --common "--prompts-per-step 8" --plot runs/modes.png
 
@@ -13,7 +13,10 @@ on the same problems from the same warm start, then their mean with a 95% t inte
 seeds (training noise included), and, in brackets, the interval over problems alone (the
 evaluation's noise; what a single seed could claim). --json OUT writes
 {mode: {"seeds": {seed: success}, "mean": m, "ci": [lo, hi], "diff": d, "diff_ci": [lo, hi],
-"diff_ci_problems": [lo, hi], "warm_start": w, "curve": {step: mean success}}}.
+"diff_ci_problems": [lo, hi], "warm_start": w, "curve": {step: mean success}, "ood": {the same
+for --ood}}}. --ood (default tiny-ood: the tiny model's numbers, targets 51..99, above any target
+it trains on) evaluates each run's final checkpoint on that preset's held-out problems too
+(greedy; cached in the run directory): the generalisation column.
 """
 import argparse
 import json
@@ -24,8 +27,11 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from checkpoint import latest_checkpoint  # noqa: E402
-from eval import paired_difference, seed_interval  # noqa: E402
+import countdown  # noqa: E402
+from checkpoint import check_model_dir, latest_checkpoint  # noqa: E402
+from run import DEFAULT_MODEL  # noqa: E402
+from eval import evaluate, paired_difference, seed_interval  # noqa: E402
+from model import load_model, load_tokenizer  # noqa: E402
 
 
 def read_jsonl(path):
@@ -46,13 +52,28 @@ def solved_at(out, step):
     return [int(c) for c in rows[-1]["solved"]]
 
 
+def ood_solved(out, preset, n):
+    """Per-problem 0/1 of the run's final checkpoint on `n` held-out problems of `preset` (greedy),
+    cached in <out>/ood-<preset>.json."""
+    cache = os.path.join(out, f"ood-{preset}.json")
+    if not os.path.exists(cache):
+        path = check_model_dir(out)
+        result = evaluate(load_model(path), load_tokenizer(path), countdown.heldout_problems(n, preset), progress=True)
+        with open(cache, "w") as f:
+            json.dump([int(x) for x in result["solved"]], f)
+    with open(cache) as f:
+        return json.load(f)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=["grpo"], help='each: a mode, optionally with flags, quoted')
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=40, help="RL steps per run (9 runs of 40: ~1 hour on 2 cores)")
     ap.add_argument("--out", default=os.path.join("runs", "modes"))
-    ap.add_argument("--common", default="", help="flags for every run, quoted (e.g. a smaller budget)")
+    ap.add_argument("--common", default="--eval-every 20", help="flags for every run, quoted (e.g. a smaller budget)")
+    ap.add_argument("--ood", default="tiny-ood", help="preset of the out-of-distribution held-out set ('' for none)")
+    ap.add_argument("--ood-problems", type=int, default=1000)
     ap.add_argument("--json", help="write the table (and mean curves) here")
     ap.add_argument("--plot", help="also draw each mode's mean held-out curve into this PNG (needs matplotlib)")
     args = ap.parse_args()
@@ -70,21 +91,19 @@ def main():
                 print("$", " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
             runs[name][seed] = out
-    table = summarise(runs, args.steps)
+    table = summarise(runs, lambda out: solved_at(out, args.steps), curves=True)
     first = next(iter(table))
     n = len(solved_at(runs[first][args.seeds[0]], args.steps))
     print(f"\nheld-out success ({n} problems, greedy) after {args.steps} RL steps; warm start "
           f"{100 * table[first]['warm_start']:.1f}%; intervals 95%\n")
-    print("| mode | " + " | ".join(f"seed {s}" for s in args.seeds) + f" | mean [t over seeds] | vs {first}: paired "
-          "difference [over seeds] [over problems] |")
-    print("|---|" + "---|" * (len(args.seeds) + 2))
-    for name, row in table.items():
-        cells = " | ".join(f"{100 * row['seeds'][s]:.1f}" for s in args.seeds)
-        diff = "—" if name == first else (f"{100 * row['diff']:+.1f} [{100 * row['diff_ci'][0]:+.1f}, "
-                                          f"{100 * row['diff_ci'][1]:+.1f}] [{100 * row['diff_ci_problems'][0]:+.1f}, "
-                                          f"{100 * row['diff_ci_problems'][1]:+.1f}]")
-        print(f"| {name} | {cells} | {100 * row['mean']:.1f} [{100 * row['ci'][0]:.1f}, {100 * row['ci'][1]:.1f}] "
-              f"| {diff} |")
+    print_table(table, args.seeds)
+    if args.ood:
+        ood = summarise(runs, lambda out: ood_solved(out, args.ood, args.ood_problems))
+        print(f"\nout of distribution: {args.ood_problems} held-out {args.ood} problems {countdown.PRESETS[args.ood]} "
+              f"(greedy); warm start {100 * sum(ood_solved(check_model_dir(DEFAULT_MODEL), args.ood, args.ood_problems)) / args.ood_problems:.1f}%\n")
+        print_table(ood, args.seeds)
+        for name in table:
+            table[name]["ood"] = {k: v for k, v in ood[name].items() if k != "warm_start"}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(table, f, indent=1)
@@ -93,19 +112,36 @@ def main():
         plot(table, args.plot, f"{args.steps} RL steps, mean of seeds {', '.join(map(str, args.seeds))}")
 
 
-def summarise(runs, steps):
-    """The --json table from the runs' heldout.jsonl and metrics.jsonl files."""
+def print_table(table, seeds):
+    first = next(iter(table))
+    print("| mode | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean [t over seeds] | vs {first}: paired "
+          "difference [over seeds] [over problems] |")
+    print("|---|" + "---|" * (len(seeds) + 2))
+    for name, row in table.items():
+        cells = " | ".join(f"{100 * row['seeds'][s]:.1f}" for s in seeds)
+        diff = "—" if name == first else (f"{100 * row['diff']:+.1f} [{100 * row['diff_ci'][0]:+.1f}, "
+                                          f"{100 * row['diff_ci'][1]:+.1f}] [{100 * row['diff_ci_problems'][0]:+.1f}, "
+                                          f"{100 * row['diff_ci_problems'][1]:+.1f}]")
+        print(f"| {name} | {cells} | {100 * row['mean']:.1f} [{100 * row['ci'][0]:.1f}, {100 * row['ci'][1]:.1f}] "
+              f"| {diff} |")
+
+
+def summarise(runs, solved, curves=False):
+    """The --json table: per mode, `solved(out)` (per-problem 0/1) of each seed's run, their mean
+    with a t interval over seeds, and the paired difference to the first mode; with `curves`,
+    the held-out curve of metrics.jsonl too."""
     table, first = {}, None
     for name, outs in runs.items():
-        finals = {seed: solved_at(out, steps) for seed, out in outs.items()}
+        finals = {seed: solved(out) for seed, out in outs.items()}
         success = {seed: sum(v) / len(v) for seed, v in finals.items()}
         mean, lo, hi = seed_interval(list(success.values()))
-        curves = [{r["step"]: r["heldout/success_rate"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
-                   if "heldout/success_rate" in r} for out in outs.values()]
-        common = sorted(set.intersection(*(set(c) for c in curves)))
-        row = {"seeds": success, "mean": mean, "ci": [lo, hi],
-               "warm_start": curves[0].get(0, float("nan")),  # step 0: the starting checkpoint
-               "curve": {s: sum(c[s] for c in curves) / len(curves) for s in common}}
+        row = {"seeds": success, "mean": mean, "ci": [lo, hi]}
+        if curves:
+            logged = [{r["step"]: r["heldout/success_rate"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
+                       if "heldout/success_rate" in r} for out in outs.values()]
+            common = sorted(set.intersection(*(set(c) for c in logged)))
+            row.update(warm_start=logged[0].get(0, float("nan")),  # step 0: the starting checkpoint
+                       curve={s: sum(c[s] for c in logged) / len(logged) for s in common})
         if first is None:
             first = finals
         else:

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import checkpoint
+import critic
 from model import TinyTokenizer, new_tiny_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,3 +92,18 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume(setup):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "dropped a partial last line" in resumed.stderr
     assert _steps(out) == [0, 1, 2, 3]
+
+
+def test_critic_files_are_checked_before_any_model_loads(setup, tmp_path):
+    missing = _train(setup, tmp_path / "a", 1, "--critic", str(tmp_path / "nope.safetensors"), mode="critic")
+    _one_line_error(missing, "--critic", "nope.safetensors")
+    not_safetensors = tmp_path / "critic.safetensors"
+    not_safetensors.write_text("not a critic")
+    _one_line_error(_train(setup, tmp_path / "b", 1, "--critic", str(not_safetensors), mode="critic"), "--critic")
+    for path in (tmp_path / "nope.safetensors", not_safetensors):
+        result = subprocess.run([sys.executable, "critic.py", "--eval", str(path)], capture_output=True, text=True,
+                                timeout=300, env=ENV, cwd=ROOT)
+        _one_line_error(result, str(path))
+    torch.manual_seed(0)
+    critic.save(critic.Critic(), str(tmp_path / "good.safetensors"))
+    assert _train(setup, tmp_path / "c", 1, "--critic", str(tmp_path / "good.safetensors"), mode="critic").returncode == 0

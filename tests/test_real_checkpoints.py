@@ -63,7 +63,7 @@ def _layer_forwards_in_update(run):
     """Calls of the decoder layers' MLPs during rl.update: a recomputed layer calls its MLP again
     (a pre-hook: torch stops a recompute as soon as the saved tensors it needs exist, before the
     MLP returns)."""
-    r = rl.roll_out(run, [train.countdown.Problem((3, 4, 5, 6), 18)] * 2, step=0)
+    r, _ = rl.roll_out(run, [train.countdown.Problem((3, 4, 5, 6), 18)] * 2, step=0, keep=2)
     rl.old_pass(run, r, hidden=False)
     rl.score(run, r, 0)
     r.advantages = torch.randn(r.response.shape, generator=torch.Generator().manual_seed(0))
@@ -89,7 +89,7 @@ def test_no_forward_asks_for_every_layer_or_every_position(tiny, tmp_path):
     run.model.lm_head.register_forward_hook(lambda m, inputs, out: seen.append(tuple(inputs[0].shape)))
     run.model.model.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs.get("output_hidden_states")), with_kwargs=True)
-    r = rl.roll_out(run, [train.countdown.Problem((3, 4, 5, 6), 18)], step=0)
+    r, _ = rl.roll_out(run, [train.countdown.Problem((3, 4, 5, 6), 18)], step=0, keep=1)
     assert not [s for s in seen if isinstance(s, tuple) and s[1] != 1]  # sampling: one position per row
     seen.clear()
     rl.old_pass(run, r, hidden=True)
@@ -111,7 +111,7 @@ def test_bf16_rollouts_sample_from_a_refreshed_bf16_copy(tiny, tmp_path):
     with torch.no_grad():
         for p in run.model.parameters():
             p.add_(0.01)
-    rl.roll_out(run, [train.countdown.Problem((3, 4, 5, 6), 18)], step=0)
+    rl.roll_out(run, [train.countdown.Problem((3, 4, 5, 6), 18)], step=0, keep=1)
     assert keys and set(keys) == {torch.bfloat16}  # the KV cache is written in bf16
     for mine, copy_ in zip(run.model.parameters(), run.rollout_model.parameters()):
         assert torch.equal(copy_, mine.to(torch.bfloat16))  # refreshed before the rollouts

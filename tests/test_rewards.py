@@ -42,9 +42,10 @@ def test_token_end_offsets_falls_back_when_pieces_do_not_add_up():
 def test_state_values_oracle_and_sequence_credit():
     values = rewards.state_values([P], [TRACE])[0]
     # states: [37,17,26] yes, [54,26] no, 80 28 1404 no, [20,26] yes, 46 yes
-    assert [v for _, v in values] == [1, 0, 0, 0, 0, 1, 1]
-    assert [TRACE[o] for o, _ in values] == ["]", "]", "0", "8", "4", "]", "6"]
-    assert [TRACE[o + 1] for o, _ in values] == ["\n", "\n", "|", "|", "|", "\n", "|"]
+    assert [s.value for s in values] == [1, 0, 0, 0, 0, 1, 1]
+    assert [s.size for s in values] == [3, 2, 1, 1, 1, 2, 1]
+    assert [TRACE[s.offset] for s in values] == ["]", "]", "0", "8", "4", "]", "6"]
+    assert [TRACE[s.offset + 1] for s in values] == ["\n", "\n", "|", "|", "|", "\n", "|"]
     bonus = rewards.sequence_credit([values, []])
     assert torch.allclose(bonus, torch.tensor([3 / 7, 0.0]))
 
@@ -53,7 +54,7 @@ def test_process_credit_puts_values_on_the_finishing_tokens():
     tok = TinyTokenizer()
     ids = tok.encode(TRACE) + [tok.eos_token_id]
     values = rewards.state_values([P], [TRACE])
-    steps, mask = rewards.process_credit(values, [TRACE], [ids], tok, len(ids) + 3)
+    steps, mask = rewards.token_rewards([[(s.offset, s.value) for s in values[0]]], [ids], tok, len(ids) + 3)
     positions = mask[0].nonzero().squeeze(-1).tolist()
     assert len(positions) == 7 and steps[0, positions].tolist() == [1, 0, 0, 0, 0, 1, 1]
     # by hand: the first state ends at "]" of "21+16=37 [37,17,26]", the 19th character
@@ -89,4 +90,67 @@ def test_critic_values_are_a_softmax_against_the_target_bank():
     bank = len(rewards.TARGET_BANK)
     high = torch.tensor([5.0] + [0.0] * (bank - 1)).softmax(0)[0].item()
     low = 1 / bank
-    assert [round(v, 6) for _, v in values] == [round(x, 6) for x in [low, low, low, low, low, high, high]]
+    assert [round(s.value, 6) for s in values] == [round(x, 6) for x in [low, low, low, low, low, high, high]]
+
+
+# --- credits that do not charge for exploring (hand-built traces, exact per-token values) ------
+
+# the reference search of P writes (oracle values): [37,17,26] 1, [54,26] 0, leaves 80 28 1404 0,
+# [20,26] 1, leaf 46 1 (compact style: TRACE). A rollout that stops after the first dead-end leaf
+# and writes a false solution:
+EARLY = "21+16=37 [37,17,26]\n37+17=54 [54,26]\n54+26=80|46\n<Solution>\n21 + 16 = 37\n37 + 17 = 54\n54 + 26 = 80\n</Solution>\n"
+
+
+def _credit_tokens(credits, text):
+    tok = TinyTokenizer()
+    ids = tok.encode(text) + [tok.eos_token_id]
+    steps, _ = rewards.token_rewards([credits], [ids], tok, len(ids))
+    return ids, steps[0]
+
+
+def _finishing_token(text, offset):
+    tok = TinyTokenizer()
+    ids = tok.encode(text)
+    ends = token_end_offsets(tok, ids)
+    return next(j for j, e in enumerate(ends) if e > offset)
+
+
+def test_move_credit_pays_the_best_state_per_depth_and_nothing_for_dead_ends():
+    values = rewards.state_values([P], [TRACE])[0]
+    credits = rewards.move_credit([values])[0]
+    # depth 3 ([37,17,26]), depth 2 ([20,26]: [54,26] was a dead end), leaf 46
+    assert credits == [(values[0].offset, 1.0), (values[5].offset, 1.0), (values[6].offset, 1.0)]
+    ids, steps = _credit_tokens(credits, TRACE)
+    expected = torch.zeros(len(ids))
+    for s in (values[0], values[5], values[6]):
+        expected[_finishing_token(TRACE, s.offset)] = 1.0
+    assert torch.equal(steps, expected)
+    # soft values: the highest of each size, the first of equals
+    soft = [rewards.State(5, 3, 0.2), rewards.State(9, 2, 0.1), rewards.State(14, 2, 0.7), rewards.State(20, 2, 0.7),
+            rewards.State(25, 1, 0.0)]
+    assert rewards.move_credit([soft]) == [[(5, 0.2), (14, 0.7)]]
+
+
+def test_potential_credit_is_the_change_of_value_in_writing_order():
+    values = rewards.state_values([P], [TRACE])[0]
+    credits = rewards.potential_credit([values], [1.0])[0]
+    assert [r for _, r in credits] == [0.0, -1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert sum(r for _, r in credits) == values[-1].value - 1.0  # telescopes to V(last) - V(initial)
+    ids, steps = _credit_tokens(credits, TRACE)
+    assert steps[_finishing_token(TRACE, values[1].offset)] == -1.0
+    assert steps[_finishing_token(TRACE, values[5].offset)] == 1.0 and steps.abs().sum() == 2.0
+
+
+def test_no_credit_is_earned_by_stopping_early_with_a_wrong_solution():
+    """A rollout's earnings (outcome + 0.1 format + beta x its step rewards) for the early stop
+    never reach the complete search's, for any beta <= 1 and any credit."""
+    early, full = [rewards.state_values([P], [t])[0] for t in (EARLY, TRACE)]
+    assert countdown.verify(P.nums, P.target, TRACE) and not countdown.verify(P.nums, P.target, EARLY)
+    outcome = {id(early): 0.0 + 0.1, id(full): 1.0 + 0.1}  # both write a parsable <Solution> block
+    for credit in ("move", "potential"):
+        def earned(vs):
+            steps = rewards.move_credit([vs])[0] if credit == "move" else rewards.potential_credit([vs], [1.0])[0]
+            return sum(r for _, r in steps)
+        for beta in (0.1, 0.5, 1.0):
+            assert outcome[id(early)] + beta * earned(early) < outcome[id(full)] + beta * earned(full), (credit, beta)
+        assert earned(early) <= earned(full), credit  # even without the outcome reward

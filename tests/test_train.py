@@ -95,13 +95,12 @@ def test_two_processes_equal_one(setup):
 @pytest.mark.parametrize("mode,extra", [
     ("grpo", ()),
     ("clipo+oracle", ("--critic-credit", "process", "--clipo-warmup", "1")),
-    ("critic", ("--critic-credit", "sequence")),
+    ("critic", ("--critic-credit", "move", "--critic-online", "--critic", "scratch")),
 ])
 def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     """For clipo, the head and its optimizer must come back too (their bonus feeds the rewards);
-    for critic, its weights."""
-    if mode == "critic":
-        extra = extra + ("--critic", str(setup / "critic.safetensors"))
+    for the online critic, its weights, optimizer and pool (tests/test_critic.py checks those
+    on rows a random policy does not write)."""
     full = _run([sys.executable] + _args(setup, setup / f"full-{mode}", 4, *extra, mode=mode))
     assert full.returncode == 0, full.stderr[-2000:]
     out = setup / f"stopped-{mode}"
@@ -117,13 +116,16 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     stopped_at = _metrics(out)[-1]["step"]
     assert 1 <= stopped_at < 4
     state = torch.load(os.path.join(_latest(out), "trainer_state.pt"), weights_only=True)
-    assert state["step"] == stopped_at and set(state["modules"]) == {"clipo", "critic"} & set(mode.split("+"))
+    modules = {"clipo": {"clipo"}, "critic": {"critic", "critic_online"}}
+    assert state["step"] == stopped_at and set(state["modules"]) == set().union(*(modules.get(m, set()) for m in mode.split("+")))
     again = _run([sys.executable] + _args(setup, out, 4, *extra, "--resume", mode=mode))
     assert again.returncode == 0, again.stderr[-2000:]
     resumed, reference = _metrics(out), _metrics(setup / f"full-{mode}")
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
     if "clipo" in mode:
         assert all("clipo/valid_frac" in r for r in resumed[1:])
+    if mode == "critic":
+        assert all("critic/auroc_3" in r for r in resumed[2::2])  # at eval steps
     for row_a, row_b in zip(resumed, reference):
         assert _untimed(row_a) == _untimed(row_b)
     wa, wb = _weights(out), _weights(setup / f"full-{mode}")
@@ -136,6 +138,8 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     (["--prompts-per-step", "6", "--minibatches", "4"], "do not split into --minibatches"),
     (["--model", "./no/such/dir"], "no model at ./no/such/dir"),
     (["--resume"], "no intact checkpoint"),
+    (["--critic-online"], "add critic to --mode"),
+    (["--mode", "critic", "--critic", "scratch"], "needs --critic-online"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, argv, message):
     args = train.parse_args(["--out", str(tmp_path / "run"), *argv])
@@ -246,3 +250,17 @@ def test_gmpo_with_per_token_credit_is_one_clear_error(tmp_path):
                              "--ratio", "geometric"])
     with pytest.raises(SystemExit, match="one advantage per sequence"):
         train.check_args(args, world=1)
+
+
+def test_dynamic_sampling_keeps_groups_with_signal_first_in_drawn_order():
+    import rl
+    assert rl.choose_groups([True, False, True, False, False], 2) == [1, 3]
+    assert rl.choose_groups([True, False, True, False, False], 4) == [0, 1, 3, 4]  # then the flat ones, in order
+    assert rl.choose_groups([False] * 3, 3) == [0, 1, 2]
+
+
+def test_oversampled_run_trains_on_fewer_flat_groups(setup):
+    result = _run([sys.executable] + _args(setup, setup / "oversampled", 2, "--oversample", "1.0"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in _metrics(setup / "oversampled")[1:]:
+        assert row["zero_adv_frac"] <= row["sampled_zero_adv_frac"]

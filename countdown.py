@@ -209,10 +209,8 @@ def trace_tokens(trace):
 # The exact oracle
 
 @functools.lru_cache(maxsize=1 << 17)
-def reachable_values(nums):
-    """Every final value reachable from the sorted tuple `nums` under the rules (memoised)."""
-    if len(nums) == 1:
-        return frozenset(nums)
+def next_states(nums):
+    """Every distinct state one legal move from the sorted tuple `nums`, as sorted tuples (memoised)."""
     out = set()
     for i in range(len(nums)):
         for j in range(i + 1, len(nums)):
@@ -221,8 +219,16 @@ def reachable_values(nums):
             for op in OPS:
                 value = whole_result(big, small, op)
                 if value is not None and value < MAX_VALUE:
-                    out |= reachable_values(tuple(sorted(rest + (value,))))
+                    out.add(tuple(sorted(rest + (value,))))
     return frozenset(out)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def reachable_values(nums):
+    """Every final value reachable from the sorted tuple `nums` under the rules (memoised)."""
+    if len(nums) == 1:
+        return frozenset(nums)
+    return frozenset().union(*(reachable_values(state) for state in next_states(nums)))
 
 
 def solvable(nums, target):

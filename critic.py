@@ -191,7 +191,7 @@ class SearchPool(RowPool):
     is everything the state can reach. hindsight searches fresh random instances: an unsolvable
     one is searched to the end, which is where 3-number subtrees get finished (the preset's short
     searches never leave their first 3-number state, which is on the way to the target). trace
-    searches the preset's solvable problems. Each `sample` first adds `fresh` searches: a search
+    searches the preset's solvable problems. Each `draw` first adds `fresh` searches: a search
     costs more than a step's use of its rows.
     """
 
@@ -206,12 +206,13 @@ class SearchPool(RowPool):
             nums, target = random_instance(self.rng, self.preset, self.exclude)
         self.add(self.rng, [(state, reached, target) for state, reached in countdown.search_states(nums, target)])
 
-    def sample(self, counts):
+    def draw(self, counts):
+        """Add fresh searches (more while a size holds too few rows), then sample(counts)."""
         added = 0
         while added < self.fresh or any(len(self.rows.get(k, ())) < n for k, n in counts.items()):
             self.add_search()
             added += 1
-        return super().sample(self.rng, counts)
+        return self.sample(self.rng, counts)
 
 
 def size_counts(batch_size, preset):
@@ -225,7 +226,7 @@ def size_counts(batch_size, preset):
 
 def make_batch(rng, pool, batch_size):
     """A batch of the pool's rows, drawn per state size (size_counts): see rows_batch."""
-    return rows_batch(rng, pool.sample(size_counts(batch_size, pool.preset)), pool.sampler, pool.preset)
+    return rows_batch(rng, pool.draw(size_counts(batch_size, pool.preset)), pool.sampler, pool.preset)
 
 
 def rows_batch(rng, rows, sampler, preset):
@@ -270,20 +271,6 @@ def infonce(logits, known):
 # ---------------------------------------------------------------------------------------------
 # Evaluation against the exact oracle
 
-def successors(state):
-    """Every distinct state one legal move from `state` (sorted tuples)."""
-    out = set()
-    for i in range(len(state)):
-        for j in range(i + 1, len(state)):
-            rest = state[:i] + state[i + 1:j] + state[j + 1:]
-            big, small = max(state[i], state[j]), min(state[i], state[j])
-            for op in countdown.OPS:
-                value = countdown.whole_result(big, small, op)
-                if value is not None and value < countdown.MAX_VALUE:
-                    out.add(tuple(sorted(rest + (value,))))
-    return sorted(out)
-
-
 def oracle_pairs(n_problems=EVAL_PROBLEMS, preset="tiny", seed=0, per_class=1000):
     """Held-out evaluation pairs by state size: {size: [(state, target, reachable)]}.
 
@@ -295,7 +282,7 @@ def oracle_pairs(n_problems=EVAL_PROBLEMS, preset="tiny", seed=0, per_class=1000
     for problem in countdown.heldout_problems(n_problems, preset):
         level = [tuple(sorted(problem.nums))]
         while len(level[0]) > 1:
-            level = sorted({s for parent in level for s in successors(parent)})
+            level = sorted({s for parent in level for s in countdown.next_states(parent)})
             pos, neg = pools.setdefault(len(level[0]), ([], []))
             for state in level:
                 (pos if countdown.solvable(state, problem.target) else neg).append((state, problem.target))
@@ -400,7 +387,7 @@ def written_rows(nums, target, states):
         parent = open_states.get(len(state) + 1)
         for size in [k for k in open_states if k <= len(state)]:
             del open_states[size]
-        if parent is None or state not in successors(parent[0]):
+        if parent is None or state not in countdown.next_states(parent[0]):
             continue
         reached = set()
         if len(state) == 1:

@@ -8,6 +8,8 @@ threads, seeds.
 Everything also runs as a single process (world = 1): then no process group exists and the
 collectives below return their input.
 
+    with processes() as (rank, world, device):   # every launched process's body: ends cleanly
+
     shard(policy, layers, bf16)            # FSDP2: each decoder layer, then the root
     with gradient_sync(train_model, last): # accumulate micro-batches, reduce on the last
     weights, optim = full_state(model, optimizer, sharded)   # for a checkpoint (collective)
@@ -17,9 +19,10 @@ import os
 import signal
 import socket
 import sys
+import gc
 import time
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -39,6 +42,25 @@ def setup_distributed():
     if cuda:
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+@contextmanager
+def processes():
+    """(rank, world, device) for the body of a process, torchrun's or ours. When the body ends
+    normally, every rank waits at a barrier (nothing collective is left in flight), then the
+    process group is destroyed, which joins gloo's worker threads. Why: a process that exits with
+    the group alive aborts now and then ("terminate called without an active exception"; 5 of 30
+    launches of a 2-rank script that all-reduces, bench/torchrun_exits.py): a worker thread drops
+    its last reference to a finished collective's tensors after the interpreter began to finalise,
+    asks for the GIL to free them and is ended inside a C++ destructor. gc.collect() first frees
+    the DDP/FSDP objects that still hold the group through reference cycles. An exception leaves
+    at once: a barrier could wait forever for a rank that is still computing."""
+    rank, world, device = setup_distributed()
+    yield rank, world, device
+    if dist.is_initialized():
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def cpu_threads(device):

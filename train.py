@@ -33,7 +33,7 @@ import rewards
 import rl
 import sft
 from checkpoint import append_metrics, check_model_dir, latest_checkpoint, load_state, read_args, record_args, truncate_metrics
-from distributed import StopRequest, all_reduce, cpu_threads, launch, seed_for, setup_distributed
+from distributed import StopRequest, all_reduce, cpu_threads, launch, processes, seed_for
 from eval import evaluate, wilson
 from run import DEFAULT_CRITIC, DEFAULT_MODEL, SCRATCH, build_run, save
 METRICS = {  # what each line of metrics.jsonl holds; the reward terms add theirs (metric_docs)
@@ -285,7 +285,7 @@ def train(args, rank, world, device):
             break
     bar.close()
     if world > 1:
-        dist.barrier()  # the checkpoint is written before any rank exits
+        dist.barrier()  # the checkpoint is written before any rank reads it (RL after the warm start)
     if rank == 0:
         print(f"{args.mode}: {step + 1} steps, latest checkpoint in {args.out}")
     return stopping
@@ -298,19 +298,17 @@ def main(argv=None):
     if "RANK" not in os.environ and procs > 1:
         check_args(args, procs)
         return launch(main, argv, procs)
-    rank, world, device = setup_distributed()
-    check_args(args, world)
-    if args.mode != "sft" and not args.model and not warm_start_ready():
-        if rank == 0:
-            print(f"no warm start in {DEFAULT_MODEL}: training it first (python train.py --mode sft)")
-        sft_args = parse_args(["--mode", "sft", "--seed", str(args.seed)])
-        sft_args.resume = latest_checkpoint(sft_args.out, say=lambda *a, **k: None) is not None
-        check_args(sft_args, world)
-        if train(sft_args, rank, world, device):
-            return
-    train(args, rank, world, device)
-    if world > 1:
-        dist.destroy_process_group()
+    with processes() as (rank, world, device):
+        check_args(args, world)
+        if args.mode != "sft" and not args.model and not warm_start_ready():
+            if rank == 0:
+                print(f"no warm start in {DEFAULT_MODEL}: training it first (python train.py --mode sft)")
+            sft_args = parse_args(["--mode", "sft", "--seed", str(args.seed)])
+            sft_args.resume = latest_checkpoint(sft_args.out, say=lambda *a, **k: None) is not None
+            check_args(sft_args, world)
+            if train(sft_args, rank, world, device):
+                return
+        train(args, rank, world, device)
 
 
 if __name__ == "__main__":

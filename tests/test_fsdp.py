@@ -21,43 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TIMING = {"time_sample", "time_reward", "time_train", "tokens_per_s"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-# a random model never solves a problem: a pseudo-random outcome makes rewards, advantages and updates real
-RUNNER = f"""
-import sys, zlib
-sys.path.insert(0, {ROOT!r})
-import countdown, train
-countdown.verify = lambda nums, target, text: zlib.crc32(text.encode()) % 3 == 0
-if __name__ == "__main__":
-    train.main(sys.argv[1:])
-"""
-BYTES = f"""
-import os, sys, zlib
-sys.path.insert(0, {ROOT!r})
-import torch, countdown, rl, train
-from distributed import setup_distributed
-from run import build_run
-countdown.verify = lambda nums, target, text: zlib.crc32(text.encode()) % 3 == 0
-rank, world, device = setup_distributed()
-args = train.parse_args(sys.argv[1:])
-run, _ = build_run(args, rank, world, device)
-rl.rl_step(run, 0)
-local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-size = lambda t: local(t).numel() * t.element_size()
-params = [p for p in run.model.parameters()]
-states = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-os.makedirs(args.out, exist_ok=True)
-with open(f"{{args.out}}/bytes-{{rank}}.txt", "w") as f:  # one file per rank: torchrun interleaves stdout
-    f.write(" ".join(str(x) for x in (sum(map(size, params)), sum(p.numel() * p.element_size() for p in params),
-                                      sum(map(size, states)), sum(v.numel() * v.element_size() for v in states))))
-"""
+RUNNER = os.path.join(ROOT, "tests", "pseudo_outcome.py")  # train.py with a pseudo-random outcome
+BYTES = os.path.join(ROOT, "tests", "fsdp_bytes.py")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
-    (root / "runner.py").write_text(RUNNER)
-    (root / "bytes.py").write_text(BYTES)
     return root
 
 
@@ -82,7 +53,7 @@ def _weights(out):
 
 def test_fsdp_gives_the_losses_and_weights_of_ddp(setup):
     for name, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
-        result = _run(TORCHRUN + [str(setup / "runner.py")] + _flags(setup, setup / name, 2, *extra))
+        result = _run(TORCHRUN + [RUNNER] + _flags(setup, setup / name, 2, *extra))
         assert result.returncode == 0, result.stderr[-3000:]
     ddp, fsdp = _metrics(setup / "ddp"), _metrics(setup / "fsdp")
     assert [r["step"] for r in fsdp] == [0, 1, 2] and ddp[1]["zero_adv_frac"] < 1
@@ -98,7 +69,7 @@ def test_fsdp_gives_the_losses_and_weights_of_ddp(setup):
 
 
 def test_each_rank_holds_half_the_parameter_and_optimizer_bytes(setup):
-    result = _run(TORCHRUN + [str(setup / "bytes.py")] + _flags(setup, setup / "bytes", 1, "--fsdp"))
+    result = _run(TORCHRUN + [BYTES] + _flags(setup, setup / "bytes", 1, "--fsdp"))
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         params, params_total, states, states_total = map(int, (setup / "bytes" / f"bytes-{rank}.txt").read_text().split())
@@ -106,10 +77,10 @@ def test_each_rank_holds_half_the_parameter_and_optimizer_bytes(setup):
 
 
 def test_fsdp_resume_after_sigterm_is_exact(setup):
-    full = _run(TORCHRUN + [str(setup / "runner.py")] + _flags(setup, setup / "full", 4, "--fsdp"))
+    full = _run(TORCHRUN + [RUNNER] + _flags(setup, setup / "full", 4, "--fsdp"))
     assert full.returncode == 0, full.stderr[-3000:]
     out = setup / "stopped"
-    launcher = subprocess.Popen(TORCHRUN + [str(setup / "runner.py")] + _flags(setup, out, 4, "--fsdp"), cwd=ROOT,
+    launcher = subprocess.Popen(TORCHRUN + [RUNNER] + _flags(setup, out, 4, "--fsdp"), cwd=ROOT,
                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
     metrics = out / "metrics.jsonl"
@@ -120,7 +91,7 @@ def test_fsdp_resume_after_sigterm_is_exact(setup):
     launcher.communicate(timeout=120)
     stopped = _metrics(out)[-1]["step"]
     assert 1 <= stopped < 4
-    again = _run(TORCHRUN + [str(setup / "runner.py")] + _flags(setup, out, 4, "--fsdp", "--resume"))
+    again = _run(TORCHRUN + [RUNNER] + _flags(setup, out, 4, "--fsdp", "--resume"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert _metrics(out) == _metrics(setup / "full")
     wa, wb = _weights(out), _weights(setup / "full")

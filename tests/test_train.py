@@ -19,16 +19,7 @@ from model import TinyTokenizer, new_tiny_model, save_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"time_sample", "time_reward", "time_train", "tokens_per_s"}
 
-# A random tiny model never solves a problem, so the test swaps the outcome reward for a fixed
-# pseudo-random function of the completion: rewards vary, advantages are non-zero, weights move.
-RUNNER = f"""
-import sys, zlib
-sys.path.insert(0, {ROOT!r})
-import countdown, train
-countdown.verify = lambda nums, target, text: zlib.crc32(text.encode()) % 3 == 0
-if __name__ == "__main__":
-    train.main(sys.argv[1:])
-"""
+RUNNER = os.path.join(ROOT, "tests", "pseudo_outcome.py")  # train.py with a pseudo-random outcome
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +28,11 @@ def setup(tmp_path_factory):
     save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
     torch.manual_seed(0)
     critic.save(critic.Critic(), str(root / "critic.safetensors"))  # untrained: enough to test the plumbing
-    (root / "runner.py").write_text(RUNNER)
     return root
 
 
 def _args(setup, out, steps, *extra, mode="grpo"):
-    return [str(setup / "runner.py"), "--mode", mode, "--model", str(setup / "model"), "--out", str(out),
+    return [RUNNER, "--mode", mode, "--model", str(setup / "model"), "--out", str(out),
             "--steps", str(steps), "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "40",
             "--minibatches", "2", "--eval-every", "2", "--eval-problems", "4", "--lr", "1e-3", "--seed", "3",
             "--procs", "1", *extra]

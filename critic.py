@@ -30,7 +30,7 @@ The oracle (countdown.solvable) never labels training rows: it only evaluates. E
 against the oracle per state size on held-out problems: every state one, two and three moves
 from a problem's numbers (all legal moves, not only the ones the search takes) with its target,
 balanced reachable / unreachable per size. The headline is the 3-number AUROC (the first move).
-Imports: countdown, torch (matplotlib optionally, for --plot).
+Imports: countdown, distributed (CPU threads), torch (matplotlib optionally, for --plot).
 """
 import argparse
 import json
@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import countdown
+from distributed import cpu_threads
 
 PLACES = 4              # digits per number; larger numbers are read as 9999 (never reachable anyway)
 EMPTY = 10              # the "no digit" symbol of a place beyond a number's length
@@ -480,7 +481,7 @@ def main():
             check_file(args.eval)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    torch.set_num_threads(2)
+    cpu_threads(torch.device("cpu"))  # OMP_NUM_THREADS, else every core
     if args.eval:
         critic = load(args.eval)
     else:

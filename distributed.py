@@ -1,5 +1,5 @@
 """Processes: torchrun or our own launcher, collectives, sharding (FSDP2), stopping together,
-threads, seeds.
+threads, seeds, a clock that waits for the device.
 
     torchrun --nproc_per_node=8 train.py ...   # NCCL on GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv-endpoint=HOST:29500 train.py ...
@@ -64,14 +64,28 @@ def processes():
 
 
 def cpu_threads(device):
-    """On CPU, share this machine's cores among its processes (LOCAL_WORLD_SIZE: a node's, not
-    the whole job's). Measured on our 2-core VMs (bench/threads.py), the tiny model's training
-    step runs 1.7-1.9x faster on 2 threads than on 1, its decode step 1.05-1.4x: no phase loses
-    from more threads, so every phase uses the process's share. Two processes x 1 thread
-    (launch()) beat one x 2 on rollouts: their decodes run side by side."""
-    if device.type == "cpu":
+    """Torch threads of this process on the CPU. The user's OMP_NUM_THREADS wins (torch reads it
+    when it starts, and we leave it alone): two jobs sharing a machine must be able to say so (one
+    SFT run that took all cores beside another job ran 10x slower). Otherwise this machine's
+    cores are shared among its processes (LOCAL_WORLD_SIZE: a node's, not the whole job's).
+    Measured on our 2-core VMs (bench/threads.py), the tiny model's training step runs 1.7-1.9x
+    faster on 2 threads than on 1, its decode step 1.05-1.4x: no phase loses from more threads,
+    so every phase uses the process's share. Two processes x 1 thread (launch()) beat one x 2
+    on rollouts: their decodes run side by side. (torchrun sets OMP_NUM_THREADS=1 for its
+    workers when it is unset: under torchrun, set it yourself for more.)"""
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def clock(device):
+    """Seconds (perf_counter) once the work queued on `device` is done. CUDA runs kernels
+    asynchronously: a clock read without waiting bills the GPU work to whatever waits next (a
+    1.5B model's forward+backward over 84k tokens was once logged as 1.1 s). Every time_* metric
+    and bench timer reads this clock; on the CPU it is perf_counter."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def shard(root, layers, bf16):

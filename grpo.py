@@ -23,7 +23,6 @@ Imports: torch, transformers (its Cache interface, for the shared-prompt forward
 """
 import math
 import warnings
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -205,25 +204,6 @@ class _PrefixLayer(DynamicLayer):
         return torch.cat([self.keys, keys], -2), torch.cat([self.values, values], -2)
 
 
-@contextmanager
-def _cache_kept_under_checkpointing(layers):
-    """transformers drops `past_key_values` inside a checkpointed decoder layer unless the layer
-    says a replay may read the cache again (`_can_checkpoint_with_cache`). Both caches above
-    replay safely, so the flag is set on these layer instances for one forward only (a replay
-    in backward runs with its arguments already bound)."""
-    before = [vars(layer).get("_can_checkpoint_with_cache") for layer in layers]
-    for layer in layers:
-        layer._can_checkpoint_with_cache = True
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, before):
-            if flag is None:
-                del layer._can_checkpoint_with_cache
-            else:
-                layer._can_checkpoint_with_cache = flag
-
-
 def can_share_prompts(lm):
     """Whether the shared-prompt forward is exact for this LM: a tested model type, full
     attention in every layer (a sliding window would need the prompt's keys cut per row)."""
@@ -252,23 +232,20 @@ def _shared_prompt_states(decoder, input_ids, attention_mask, position_ids, star
             & (prompt_mask[inverse] == attention_mask[:, :start]).all())
     if not same:  # a host sync, once per forward
         raise ValueError("rows with equal `groups` must have equal prompt columns [:start] (ids and attention mask)")
-    layers = decoder.layers
-    recorded = Cache(layers=[_RecordingLayer() for _ in layers])
-    with _cache_kept_under_checkpointing(layers):
-        prompt_states = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                position_ids=position_ids[first, :start], past_key_values=recorded,
-                                use_cache=False).last_hidden_state
-        kept = all(layer.is_initialized for layer in recorded.layers)
-        # reentrant checkpointing runs layers without autograd: their keys would carry no gradient
-        if not kept or (prompt_states.requires_grad and not any(layer.keys.requires_grad for layer in recorded.layers)):
-            warnings.warn("shared-prompt forward: the decoder did not keep the prompt's keys/values with their "
-                          "gradients (reentrant checkpointing?); running the plain forward instead")
-            return None
-        prefix = Cache(layers=[_PrefixLayer(layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse))
-                               for layer in recorded.layers])
-        response_states = decoder(input_ids=input_ids[:, start:], attention_mask=attention_mask,
-                                  position_ids=position_ids[:, start:], past_key_values=prefix,
-                                  use_cache=False).last_hidden_state
+    recorded = Cache(layers=[_RecordingLayer() for _ in decoder.layers])
+    prompt_states = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids[first, :start],
+                            past_key_values=recorded, use_cache=False).last_hidden_state
+    kept = all(layer.is_initialized for layer in recorded.layers)
+    # reentrant checkpointing runs layers without autograd: their keys would carry no gradient
+    if not kept or (prompt_states.requires_grad and not any(layer.keys.requires_grad for layer in recorded.layers)):
+        warnings.warn("shared-prompt forward: the decoder did not keep the prompt's keys/values with their "
+                      "gradients (reentrant checkpointing?); running the plain forward instead")
+        return None
+    prefix = Cache(layers=[_PrefixLayer(layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse))
+                           for layer in recorded.layers])
+    response_states = decoder(input_ids=input_ids[:, start:], attention_mask=attention_mask,
+                              position_ids=position_ids[:, start:], past_key_values=prefix,
+                              use_cache=False).last_hidden_state
     if not all(layer.read for layer in prefix.layers):
         warnings.warn("shared-prompt forward: a decoder layer did not read the prompt's keys/values; "
                       "running the plain forward instead")
@@ -292,6 +269,15 @@ class TokenLogProbs(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
+        if can_share_prompts(lm):
+            # transformers drops `past_key_values` inside a checkpointed decoder layer unless the
+            # layer says a replay may read the cache again. Both caches above replay safely (the
+            # recording one is overwritten with equal tensors, the prefix one stores nothing), so
+            # the flag is set on these layer instances once, here: set and restored around each
+            # forward, it broke torch.compile (dynamo replays the attribute writes after a graph
+            # break, and the restore then deleted an attribute that was not there)
+            for layer in lm.get_decoder().layers:
+                layer._can_checkpoint_with_cache = True
 
     def forward(self, input_ids, attention_mask, response_mask, start, entropy=False, hidden=False, groups=None):
         decoder = self.lm.get_decoder()

@@ -20,7 +20,6 @@ Imports: countdown, grpo, rewards, sample, model, distributed, torch.
 """
 import math
 import random
-import time
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ import torch
 import countdown
 import grpo
 import rewards
-from distributed import all_reduce, gradient_sync, seed_for
+from distributed import all_reduce, clock, gradient_sync, seed_for
 from model import encode_prompt
 from sample import sample
 
@@ -93,7 +92,7 @@ def roll_out(run, problems, step, keep):
     run.refresh_rollout_model()  # with --bf16, a bf16 copy of the current weights: no autocast needed
     sampled = sample(run.rollout_model, prompts, run.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                      num_samples=group, eos_token_id=run.eos, stop="</Solution>", tokenizer=tok,
-                     generator=generators, pad_token_id=tok.pad_token_id, compile=args.compile)
+                     generator=generators, pad_token_id=tok.pad_token_id)
     texts = [tok.decode(t, skip_special_tokens=True) for t in sampled.tokens]
     correct, formatted = rewards.outcome([p for p in problems for _ in range(group)], texts)
     grouped = (correct + args.format_reward * formatted).view(-1, group)
@@ -197,7 +196,7 @@ def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
 
 
 def rl_step(run, step):
-    args, group, clock = run.args, run.args.group_size, time.perf_counter
+    args, group = run.args, run.args.group_size
     # 1. prompts: this process's slice of the step's global list (--oversample: more, to choose from)
     per_rank = args.prompts_per_step // run.world
     drawn = per_rank + math.ceil(args.oversample * per_rank)
@@ -205,22 +204,22 @@ def rl_step(run, step):
     problems = [countdown.random_problem(rng, exclude=run.exclude, **countdown.PRESETS[args.preset])
                 for _ in range(drawn * run.world)][run.rank * drawn:(run.rank + 1) * drawn]
     # 2. rollouts
-    t0 = clock()
+    t0 = clock(run.device)
     r, sampled_flat = roll_out(run, problems, step, keep=per_rank)
-    t1 = clock()
+    t1 = clock(run.device)
     # 3. old pass
     old_pass(run, r, hidden=any(rewards.REWARD_TERMS[name].needs_hidden for name in run.terms))
-    t2 = clock()
+    t2 = clock(run.device)
     # 4. rewards
     term_metrics = score(run, r, step)
     # 5. advantages
     outcome = grpo.group_advantages(r.reward.to(run.device), group, scale=not args.no_scale_adv)
     r.advantages = outcome[:, None] + grpo.rewards_to_go(r.step_rewards)
-    t3 = clock()
+    t3 = clock(run.device)
     # 6. update (CLIPO's warm-up trains only its head)
     warming = "clipo" in run.terms and step < args.clipo_warmup
     update_stats = dict.fromkeys(("loss", "kl", "clip_frac", "kl_ref"), 0.0) if warming else update(run, r)
-    t4 = clock()
+    t4 = clock(run.device)
 
     grouped, lengths = r.reward.view(-1, group), r.lengths
     first = r.advantages[:, r.start]  # the first response token's advantage
@@ -241,7 +240,7 @@ def rl_step(run, step):
            "response_length_mean": g["length"] / n,
            "response_length_max": all_reduce([max(lengths)], run.world, "max")[0],
            "tokens_per_s": g["length"] / max(t1 - t0, 1e-9), "time_sample": t1 - t0, "time_reward": t3 - t2,
-           "time_train": (t2 - t1) + (t4 - t3)}
+           "time_train": (t2 - t1) + (t4 - t3), "time_update": t4 - t3}
     if args.kl_coef:
         row["kl_ref"] = g["kl_ref"] / run.world
     row.update({k: g[k] / run.world for k in term_metrics})

@@ -4,30 +4,34 @@
     new_tokens = generate(model, prompt_ids, 256, temperature=1.0, num_samples=8,
                           eos_token_id=tok.eos_token_id, stop="</Solution>", tokenizer=tok)
     rollouts = sample(model, prompt_ids, 256, ...)   # same, plus lengths and sampling log-probs
-    rollouts = sample(model, prompt_ids, 256, ..., compile=True)  # decode steps compiled (CUDA graphs)
-    python bench/sample.py                           # speed against model.generate, eager and compiled
+    python bench/sample.py                           # CPU: speed against model.generate
+    python bench/gpu.py                              # GPU: eager vs CUDA graphs vs model.generate
 
-How it works: prompts are left-padded into one batch and prefilled once; with num_samples=G
-the prompt cache is then copied to G rows, so prefill cost does not grow with G. Each layer's
-keys/values then live in buffers sized for the whole generation (FixedCache); a decode step
-writes its token's keys/values at a cache column held in a tensor and attends through a 4D
-mask we build (the row's prompt without its padding, its tokens so far), so transformers' mask
-builder, which reads tensors back to the host, never runs. With compile=True the step
-(decode_step: forward and next-token draw) attends over the whole cache, so none of its shapes
-changes from step to step, and runs under torch.compile (reduce-overhead, fullgraph, dynamic
-shapes): one graph per process and model, reused by later calls whatever their batch size or
-cache length, replayed as a CUDA graph on a GPU. Eager steps attend over the columns written
-so far only (cheaper; bench/sample.py measures both). EOS (any of several ids) and stop
-strings are checked on the host every step on CPU, where reading the tokens is free, and
-every 8 steps on an accelerator (sync_every); finished rows stay in the batch, their output
-ignored, until a check finds them a quarter of it: then they leave (that copies the cache,
-hence the batching).
+How it works: prompts are left-padded into one batch and prefilled once; with num_samples=G the
+prompt cache is copied to G rows, so prefill cost does not grow with G. Decoding then runs on a
+`Decoder`, kept per model between calls: every layer's keys/values live in buffers that never
+move (FixedCache), and a step (decode_step: forward, then the next-token draw) reads its inputs
+from and writes its outputs to fixed tensors. The cache column a step writes is a tensor, not a
+Python int, and attention gets a 4D mask we build (the row's prompt without its padding, its
+tokens so far), so transformers' mask builder, which reads tensors back to the host, never runs.
+For a single query token transformers (>= 5.23) attends with the key/value heads as they are
+(grouped-query heads folded into the query), so the cache is never repeated per query head.
 
-Threads on CPU: bench/threads.py measures decode steps and training steps on 1 and 2 threads
-(on our 2-core VMs, 2 threads were 1.05-1.4x faster at decoding; see distributed.cpu_threads).
+On a GPU each step is a CUDA graph replay: one graph per (batch bucket, window bucket), captured
+the first time that shape is met (a warm-up step, then the capture: ~2 steps' time) and reused by
+every later call. A step attends over the first `window` columns, the columns written so far
+rounded up to WINDOW_BUCKET, and runs the first `batch` rows, the live rows rounded up to
+BATCH_BUCKET (rows past the live ones compute garbage nobody reads). On the CPU the same code
+runs the step directly on the exact live rows and written columns (buckets of 1): the CPU gains
+nothing from graphs, and a longer window is work it would really do.
+
+EOS (any of several ids) and stop strings are checked on the host every step on CPU, where
+reading the tokens is free, and every 8 steps on an accelerator (sync_every); finished rows stay
+in the batch, their output ignored, until a check finds them a quarter of it: then the live rows
+are packed to the front of the same buffers (their written columns only) and the batch shrinks.
 Imports: torch, transformers. Nothing of ours.
 """
-import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +39,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 LEAVE_FRACTION = 0.25  # finished rows leave the batch once they are this fraction of it
+WINDOW_BUCKET = 128    # CUDA graphs: attention windows are multiples of this many columns
+BATCH_BUCKET = 8       # ... and batches multiples of this many rows (powers of two below it)
 
 
 def sync_every(device):
@@ -43,70 +49,166 @@ def sync_every(device):
     return 1 if device.type == "cpu" else 8
 
 
-class FixedCache(Cache):
-    """The prefill's keys/values, each row repeated `repeats` times, in [rows, heads, capacity,
-    dim] buffers that no step reshapes: a step writes cache column `slot` (a one-element tensor,
-    not a Python int) and attention reads the first `window` columns (None: all of them, a
-    fixed shape, for compile; eager decoding reads only the columns written so far: cheaper)."""
+def _round_up(x, bucket):
+    """x rounded up to a multiple of `bucket`, or below it to a power of two (bucket 1: x)."""
+    return 1 << (x - 1).bit_length() if x < bucket else -(-x // bucket) * bucket
 
-    def __init__(self, prompt_cache, repeats, capacity, slot):
-        for layer in prompt_cache.layers:  # the prefill's layers, their tensors swapped for the buffers
+
+class FixedCache(Cache):
+    """Every layer's keys/values in [rows, heads, capacity, dim] buffers that no step moves or
+    reshapes: a step writes cache column `slot` (a one-element tensor) of the first `batch` rows,
+    and attention reads their first `window` columns."""
+
+    def __init__(self, like, rows, capacity, slot):
+        layers = []
+        for layer in like.layers:  # the prefill's layers: their kind, heads, dim, dtype
             if type(layer) is not DynamicLayer:  # sliding-window, linear or quantized layers
                 raise ValueError(f"fixed-shape decoding needs full-attention layers, not {type(layer).__name__}")
-            layer.keys, layer.values = (_repeated_into(s, repeats, capacity) for s in (layer.keys, layer.values))
-        super().__init__(layers=prompt_cache.layers)
-        self.capacity, self.slot, self.window = capacity, slot, None
-        self._static_addresses()
-
-    def _static_addresses(self):
-        # CUDA graphs then read and write the buffers in place instead of copying them in at
-        # each step; a new address (next call, rows leaving) makes them record a new graph
-        for layer in self.layers:
-            torch._dynamo.mark_static_address(layer.keys)
-            torch._dynamo.mark_static_address(layer.values)
+            _, heads, _, dim = layer.keys.shape
+            fixed = DynamicLayer()
+            fixed.dtype, fixed.device, fixed.is_initialized = layer.keys.dtype, layer.keys.device, True
+            fixed.keys, fixed.values = (layer.keys.new_zeros(rows, heads, capacity, dim) for _ in range(2))
+            layers.append(fixed)
+        super().__init__(layers=layers)
+        self.slot, self.batch, self.window = slot, rows, capacity
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
-        layer.keys.index_copy_(2, self.slot, key_states)
-        layer.values.index_copy_(2, self.slot, value_states)
-        return layer.keys[:, :, :self.window], layer.values[:, :, :self.window]
+        keys, values = layer.keys[:self.batch], layer.values[:self.batch]  # views: writes land in the buffers
+        keys.index_copy_(2, self.slot, key_states)
+        values.index_copy_(2, self.slot, value_states)
+        return keys[:, :, :self.window], values[:, :, :self.window]
 
-    def batch_select_indices(self, indices):
-        super().batch_select_indices(indices)
-        self._static_addresses()
-
-
-def _repeated_into(states, repeats, capacity):
-    """[b, h, width, d] states -> a zeroed [b * repeats, h, capacity, d] buffer holding them first."""
-    b, h, width, d = states.shape
-    buffer = states.new_zeros(b * repeats, h, capacity, d)
-    buffer.view(b, repeats, h, capacity, d)[:, :, :, :width] = states[:, None]
-    return buffer
+    def fits(self, like, rows, capacity):
+        """Whether these buffers can hold `rows` x `capacity` of a prefill cache like `like`."""
+        mine, theirs = self.layers[0].keys, like.layers[0].keys
+        return (len(self.layers) == len(like.layers) and mine.shape[0] >= rows and mine.shape[2] >= capacity
+                and (mine.shape[1], mine.shape[3], mine.dtype, mine.device)
+                == (theirs.shape[1], theirs.shape[3], theirs.dtype, theirs.device))
 
 
 def decode_step(model, cache, token, noise, pads, slot, temperature, top_k, top_p):
     """Feed one token per row (its keys/values go to cache column `slot`) and draw the next.
-    Shapes depend on the batch and cache.window only, and nothing is read back to the host."""
-    columns = torch.arange(cache.window or cache.capacity, device=token.device)
+    Shapes depend on cache.batch and cache.window only, and nothing is read back to the host."""
+    columns = torch.arange(cache.window, device=token.device)
     visible = (columns >= pads[:, None]) & (columns <= slot)  # the row's prompt (not its padding), tokens so far
     mask = visible[:, None, None, :]                           # 4D: transformers passes it to attention as is
-    if model.config._attn_implementation == "eager":           # eager attention adds its mask to the scores
-        mask = torch.zeros(mask.shape, device=token.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    if model.config._attn_implementation == "eager" or token.device.type == "cuda":
+        # additive, in the cache's dtype: eager attention adds it to the scores, and on a GPU
+        # SDPA would convert a boolean mask in every layer (2% of a step on an H200); on the CPU
+        # SDPA takes booleans directly (a float mask made steps 25% slower there)
+        dtype = cache.layers[0].keys.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=token.device).masked_fill(~mask, torch.finfo(dtype).min)
     out = model(input_ids=token[:, None], attention_mask=mask, position_ids=(slot - pads)[:, None],
                 past_key_values=cache, use_cache=True)
     return _draw(out.logits[:, -1].float(), noise, temperature, top_k, top_p)
 
 
-@functools.cache
-def compiled_decode_step():
-    """decode_step under torch.compile, one per process: it keeps a graph per model (dynamic
-    shapes: whatever the batch and cache length), so every call after the first reuses it."""
-    step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True, dynamic=True)
+class Decoder:
+    """What decoding keeps of one model between calls: the cache, a step's fixed inputs (`token`,
+    `pads`, `noise`, `slot`) and outputs (`next_token`, `next_logprob`), and on a GPU the captured
+    graphs. Rows [:live] are the batch's live rows, in the order of sample()'s `rows`."""
 
-    def run(*args):
-        torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graphs reuse the memory of
-        return tuple(t.clone() for t in step(*args))  # the last step's outputs, hence the copies
-    return run
+    def __init__(self, model, like, rows, capacity):
+        device = like.layers[0].keys.device
+        self.model = model
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache = FixedCache(like, rows, capacity, self.slot)
+        self.token, self.pads, self.next_token = (torch.zeros(rows, dtype=torch.long, device=device) for _ in range(3))
+        self.next_logprob = torch.zeros(rows, device=device)
+        self.noise = None  # [rows, vocab], allocated by the first sampling call
+        self.captured, self.weights = {}, _weights_key(model)
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.buckets = (1, 1)  # (rows, columns) of eager steps: exact (a test sets a GPU's, to check them on a CPU)
+
+    def start(self, prompt_cache, repeats, pads, token):
+        """Load a prefill: row i * repeats + j gets prompt i's keys/values (columns [:width])."""
+        for fixed, layer in zip(self.cache.layers, prompt_cache.layers):
+            b, h, width, d = layer.keys.shape
+            capacity = fixed.keys.shape[2]
+            fixed.keys[:b * repeats].view(b, repeats, h, capacity, d)[:, :, :, :width] = layer.keys[:, None]
+            fixed.values[:b * repeats].view(b, repeats, h, capacity, d)[:, :, :, :width] = layer.values[:, None]
+        n = len(pads)
+        self.pads[:n], self.token[:n] = pads, token
+        self.slot.fill_(prompt_cache.layers[0].keys.shape[2])
+
+    def keep(self, kept, live, written):
+        """Pack the rows `kept` (indices into [:live]) to the front, their written columns only.
+        Rows left behind get padding 0: as bucket filler they then attend to finite values only
+        (a row that sees no column at all would write NaNs into the cache)."""
+        for layer in self.cache.layers:
+            for buffer in (layer.keys, layer.values):
+                buffer[:len(kept), :, :written] = buffer[kept, :, :written]
+        self.pads[:len(kept)], self.token[:len(kept)] = self.pads[kept], self.token[kept]
+        self.pads[len(kept):live] = 0
+
+    def step(self, live, written, noise, temperature, top_k, top_p, graphed):
+        """One decode step of the live rows, `written` cache columns so far: (next tokens,
+        their log-probs) [live], views valid until the next step. Writes column `slot`, then
+        moves `slot` on. graphed: replay a CUDA graph of the bucketed shape."""
+        if noise is not None:
+            if self.noise is None:
+                self.noise = noise.new_zeros(self.token.shape[0], noise.shape[1])
+            self.noise[:live] = noise
+        rows, capacity = self.token.shape[0], self.cache.layers[0].keys.shape[2]
+        buckets = (BATCH_BUCKET, WINDOW_BUCKET) if graphed else self.buckets
+        shape = (min(_round_up(live, buckets[0]), rows), min(_round_up(written, buckets[1]), capacity),
+                 temperature, top_k, top_p)
+        if graphed:
+            graph = self.captured.get(shape) or self._capture(shape)
+            graph.replay()
+        else:
+            self._run(*shape)
+        self.token[:live] = self.next_token[:live]
+        self.slot += 1
+        return self.next_token[:live], self.next_logprob[:live]
+
+    def _run(self, batch, window, temperature, top_k, top_p):
+        self.cache.batch, self.cache.window = batch, window
+        noise = None if temperature == 0 else self.noise[:batch]
+        token, logprob = decode_step(self.model, self.cache, self.token[:batch], noise, self.pads[:batch], self.slot,
+                                     temperature, top_k, top_p)
+        self.next_token[:batch], self.next_logprob[:batch] = token, logprob
+
+    def _capture(self, shape):
+        """A CUDA graph of one step of this shape. A warm-up step runs first, on a side stream as
+        capture needs (lazy initialisations such as cuBLAS workspaces happen outside the graph);
+        it writes what the replay writes again, so it changes nothing. All graphs share one
+        memory pool: they run one at a time, and their results are copied to fixed tensors."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run(*shape)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._run(*shape)
+        self.captured[shape] = graph
+        return graph
+
+
+_DECODERS = weakref.WeakKeyDictionary()  # model -> its Decoder (freed with the model)
+
+
+def _weights_key(model):
+    """Where the weights live: graphs read them at these addresses (in-place updates are fine)."""
+    return tuple(p.data_ptr() for p in model.parameters())
+
+
+def decoder_for(model, prompt_cache, rows, capacity):
+    """The model's Decoder, made anew (and bigger: a call never shrinks it) when it cannot hold
+    this call or the model's weights moved (its graphs read them where they were)."""
+    old = _DECODERS.get(model)
+    if old is not None and old.cache.fits(prompt_cache, rows, capacity) and old.weights == _weights_key(model):
+        return old
+    if old is not None and old.cache.fits(prompt_cache, 1, 1):
+        rows, capacity = max(rows, old.token.shape[0]), max(capacity, old.cache.layers[0].keys.shape[2])
+    _DECODERS.pop(model, None)  # free the old buffers and graphs first
+    del old
+    if prompt_cache.layers[0].keys.device.type == "cuda":  # room for the graphs' bucketed shapes
+        rows, capacity = _round_up(rows, BATCH_BUCKET), _round_up(capacity, WINDOW_BUCKET)
+    _DECODERS[model] = Decoder(model, prompt_cache, rows, capacity)
+    return _DECODERS[model]
 
 
 @dataclass
@@ -164,34 +266,38 @@ def _left_pad(prompts, pad_id, device):
 
 
 class _StopWatch:
-    """Host-side stop detection on decoded text: one string per row holding its recent tail."""
+    """Host-side stop detection: EOS ids, and stop strings in the decoded tail of each sample."""
 
     def __init__(self, tokenizer, stops, eos_ids, rows):
         self.tokenizer, self.stops, self.eos = tokenizer, stops, eos_ids
         self.keep = max((len(s) for s in stops), default=0) + 16
         self.tails = [""] * rows
-        self.pieces = {}
 
-    def hit(self, row, token):
-        if token in self.eos:
-            return True
-        if not self.stops:
-            return False
-        if token not in self.pieces:
-            self.pieces[token] = self.tokenizer.decode([token])
-        tail = (self.tails[row] + self.pieces[token])[-self.keep:]
-        self.tails[row] = tail
-        return any(s in tail for s in self.stops)
+    def first_stop(self, sample_id, recent):
+        """Index in `recent` (the sample's newest tokens) of the token that ends it, or None.
+        The block is decoded at once (one call per sample per read); only a block that holds a
+        stop string is decoded again token by token, to find where."""
+        end = next((k for k, t in enumerate(recent) if t in self.eos), None)
+        block = recent if end is None else recent[:end]
+        if self.stops and block:
+            tail = self.tails[sample_id]
+            text = tail + self.tokenizer.decode(block)
+            if any(s in text for s in self.stops):
+                return next(k for k in range(len(block))
+                            if any(s in tail + self.tokenizer.decode(block[:k + 1]) for s in self.stops))
+            self.tails[sample_id] = text[-self.keep:]
+        return end
 
 
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=None,
-           stop=None, tokenizer=None, num_samples=1, generator=None, pad_token_id=0, compile=False):
+           stop=None, tokenizer=None, num_samples=1, generator=None, pad_token_id=0, cuda_graphs=True):
     """Sample `num_samples` continuations of each prompt (token-id lists); see module docstring.
 
     eos_token_id: an id or a list of ids (instruct models end with any of several).
     generator: a torch.Generator, or one per prompt (then a prompt's samples do not depend on
-    the other prompts in the batch). compile: run decode steps through compiled_decode_step()."""
+    the other prompts in the batch). cuda_graphs=False: on a GPU too, run each step eagerly
+    over the exact live rows and written columns (bench/gpu.py compares the two)."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     if stops and tokenizer is None:
@@ -207,22 +313,22 @@ def sample(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=
     width, n = ids.shape[1], len(prompts) * num_samples
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
-    slot = torch.tensor([width], device=device)        # cache column of the token being fed
-    cache = FixedCache(out.past_key_values, num_samples, width + max_new_tokens, slot)
-    pads = width - mask.sum(-1).repeat_interleave(num_samples)  # left-padding columns of each row
     logits = out.logits[:, -1].float().repeat_interleave(num_samples, dim=0)
-    step_fn = compiled_decode_step() if compile else decode_step
     rows = torch.arange(n, device=device)              # which sample each batch row is
+    vocab = logits.shape[-1]
+
+    def noise():
+        return None if temperature == 0 else _noise(generator, rows, n, vocab, num_samples, device)
+    token, logprob = _draw(logits, noise(), temperature, top_k, top_p)
+    decoder = decoder_for(model, out.past_key_values, n, width + max_new_tokens)
+    decoder.start(out.past_key_values, num_samples, width - mask.sum(-1).repeat_interleave(num_samples), token)
+    del out
     alive = [True] * n                                 # per batch row, on the host
     tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, max_new_tokens), device=device)
     lengths, finished = [max_new_tokens] * n, [False] * n
     watch = _StopWatch(tokenizer, stops, eos_ids, n)
-    every = sync_every(device)
-
-    def noise():
-        return None if temperature == 0 else _noise(generator, rows, n, logits.shape[-1], num_samples, device)
-    token, logprob = _draw(logits, noise(), temperature, top_k, top_p)
+    every, graphed = sync_every(device), cuda_graphs and device.type == "cuda"
     for step in range(max_new_tokens):
         tokens[rows, step] = token
         logprobs[rows, step] = logprob
@@ -230,19 +336,17 @@ def sample(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=
         if (step + 1) % every == 0 or last:
             block = tokens[rows, step + 1 - min(every, step + 1):step + 1].tolist()
             for r, (sample_id, recent) in enumerate(zip(rows.tolist(), block)):
-                for k, t in enumerate(recent):
-                    if alive[r] and watch.hit(sample_id, t):
-                        alive[r], finished[sample_id] = False, True
-                        lengths[sample_id] = step + 1 - len(recent) + k + 1
+                end = watch.first_stop(sample_id, recent) if alive[r] else None
+                if end is not None:
+                    alive[r], finished[sample_id] = False, True
+                    lengths[sample_id] = step + 1 - len(recent) + end + 1
             if last or not any(alive):
                 break
             if alive.count(False) >= LEAVE_FRACTION * len(alive):
-                keep = torch.tensor([r for r, a in enumerate(alive) if a], device=device)
-                cache.batch_select_indices(keep)
-                rows, pads, token, alive = rows[keep], pads[keep], token[keep], [True] * len(keep)
-        cache.window = None if compile else width + step + 1  # compiled: fixed shapes
-        token, logprob = step_fn(model, cache, token, noise(), pads, slot, temperature, top_k, top_p)
-        slot += 1
+                kept = torch.tensor([r for r, a in enumerate(alive) if a], device=device)
+                decoder.keep(kept, len(alive), width + step + 1)
+                rows, alive = rows[kept], [True] * len(kept)
+        token, logprob = decoder.step(len(alive), width + step + 1, noise(), temperature, top_k, top_p, graphed)
     tokens, logprobs = tokens.tolist(), logprobs.tolist()
     return Rollouts([t[:k] for t, k in zip(tokens, lengths)], [p[:k] for p, k in zip(logprobs, lengths)], finished)
 

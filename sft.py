@@ -10,13 +10,12 @@ Imports: countdown, grpo, model, distributed, torch.
 """
 import functools
 import random
-import time
 
 import torch
 
 import countdown
 import grpo
-from distributed import all_reduce, seed_for
+from distributed import all_reduce, clock, seed_for
 from model import encode_prompt
 
 
@@ -43,7 +42,7 @@ def sft_step(run, step):
     pool_index, part = divmod(step, 4)
     batch = sft_pool(args.seed, args.preset, run.style, args.batch_size // run.world, pool_index, run.rank,
                      run.tokenizer, run.exclude)[part]
-    t0 = time.perf_counter()
+    t0 = clock(run.device)
     ids, attention, response, start = grpo.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
                                                          run.tokenizer.pad_token_id, run.device)
     with run.training():
@@ -54,5 +53,6 @@ def sft_step(run, step):
         loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
     run.optimizer.step()
+    seconds = clock(run.device) - t0
     (total,) = all_reduce([loss.item()], run.world)
-    return {"loss": total / run.world, "time_train": time.perf_counter() - t0}
+    return {"loss": total / run.world, "time_train": seconds}

@@ -49,6 +49,7 @@ METRICS = {  # what each line of metrics.jsonl holds; the reward terms add their
     "tokens_per_s": "sampled tokens per second (all ranks)",
     "time_sample": "seconds sampling", "time_reward": "seconds scoring (decode, verify, the mode's reward terms)",
     "time_train": "seconds in forward/backward passes (the old-log-prob pass and the updates)",
+    "time_update": "of those, seconds in the updates (RL); every time_* waits for the device first",
     "heldout/success_rate": "greedy success on held-out problems (every --eval-every steps)",
     "heldout/success_low": "its 95% Wilson interval, lower end", "heldout/success_high": "and upper end",
 }
@@ -132,7 +133,7 @@ def parse_args(argv=None):
                     help="recompute each decoder layer in backward instead of keeping its activations")
     ap.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the training forward and the decode step (CUDA graphs on a GPU)")
+                    help="torch.compile the training forward (rollouts on a GPU replay CUDA graphs without it)")
     ap.add_argument("--procs", type=int, help="processes on this machine when not under torchrun "
                     "(default: one per core on CPU, where 2 x 1 thread beat 1 x 2 threads; 1 on GPU)")
     args = ap.parse_args(argv)

@@ -27,7 +27,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--samplers", nargs="+", default=["hindsight"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2))
     ap.add_argument("--save", metavar="DIR", help="also save each run's critic there")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,20 +1,19 @@
-"""Tokens/s of sample.generate (eager and compiled) against transformers' model.generate, side by side.
+"""CPU tokens/s of sample.generate against transformers' model.generate, side by side (GPU: bench/gpu.py).
 
     python bench/sample.py [--threads 1] [--repeats 3]
 
 Same model (the built-in tiny Qwen2, random weights), same settings and thread count for all.
 (a) 64 prompts x 256 new tokens, sampling, no early stop;
 (b) one 1,000-token prompt x 16 samples x 128 new tokens (we prefill once, generate 16 times);
-each with our sampler eager, our sampler with compile=True (the decode step under
-torch.compile(mode="reduce-overhead", fullgraph=True); CUDA graphs need a GPU, so on CPU this
-is inductor's fused kernels only) and model.generate. The first compiled call, which compiles,
-is timed apart. (c) a GRPO-shaped batch (8 prompts x 8 samples) whose samples stop at different
-lengths: ours with finished rows leaving the batch vs with them kept (the gain of shrinking).
-Last, our decode step against the floor: bare steps (forward + argmax) over the same cache.
+each with our sampler and model.generate. (c) a GRPO-shaped batch (8 prompts x 8 samples) whose
+samples stop at different lengths: ours with finished rows leaving the batch vs with them kept
+(the gain of shrinking). Last, our sampler against the floor: bare decode steps (forward +
+argmax) over the same cache, without the sampler's bookkeeping.
 Timings are the best of --repeats rounds; each round runs every contender once, in turn, so
 load from other processes hits them alike.
 """
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -55,57 +54,44 @@ def transformers_generate(lm, prompts, new, samples=1):
 
 @torch.no_grad()
 def floor(lm, prompts, new):
-    """Bare decode steps: prefill, then `new` forwards + argmax over the same fixed-shape cache."""
+    """Bare decode steps: prefill, then `new` greedy steps of the Decoder, nothing else."""
     ids, mask = sample._left_pad(prompts, 0, "cpu")
     width = ids.shape[1]
     out = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
              logits_to_keep=1)
-    slot = torch.tensor([width])
-    cache = sample.FixedCache(out.past_key_values, 1, width + new, slot)
-    pads, token = width - mask.sum(-1), out.logits[:, -1].argmax(-1)
+    decoder = sample.decoder_for(lm, out.past_key_values, len(prompts), width + new)
+    decoder.start(out.past_key_values, 1, width - mask.sum(-1), out.logits[:, -1].argmax(-1))
     for step in range(new):
-        cache.window = width + step + 1  # as eager decoding does: the columns written so far
-        token, _ = sample.decode_step(lm, cache, token, None, pads, slot, 0, 0, 1.0)
-        slot += 1
+        decoder.step(len(prompts), width + step + 1, None, 0, 0, 1.0, graphed=False)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1))
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = new_tiny_model(seed=0).eval()
 
-    def ours(p, new, samples=1, compile=False):  # a fresh generator: eager and compiled draw the same noise
-        return lambda: sample.generate(lm, p, new, num_samples=samples, compile=compile,
-                                       generator=torch.Generator().manual_seed(0))
+    def ours(p, new, samples=1):
+        return lambda: sample.generate(lm, p, new, num_samples=samples, generator=torch.Generator().manual_seed(0))
     cases = [("(a) 64 prompts x 256 tokens", prompts_of(64, 24, 0), 256, 1),
              ("(b) 1,000-token prompt x 16 x 128", prompts_of(1, 1000, 1), 128, 16)]
-    compile_seconds, _ = timed(ours(cases[0][1], 256, compile=True))
-    rows, same = [], []
-    for name, p, new, samples in cases:
-        best, out = best_of(args.repeats, {"eager": ours(p, new, samples), "compiled": ours(p, new, samples, True),
-                                           "generate": lambda: transformers_generate(lm, p, new, samples)})
-        rows.append((name, len(p) * samples * new, best))
-        same += [a == b for a, b in zip(out["eager"], out["compiled"])]
-
     print(f"torch threads: {args.threads}\n")
-    print("| case | ours tok/s | ours compiled tok/s | model.generate tok/s | ours vs generate | compiled vs ours |\n"
-          "|---|---|---|---|---|---|")
-    for name, tokens, best in rows:
-        print(f"| {name} | {tokens / best['eager']:,.0f} | {tokens / best['compiled']:,.0f} | "
-              f"{tokens / best['generate']:,.0f} | {best['generate'] / best['eager']:.2f}x | "
-              f"{best['eager'] / best['compiled']:.2f}x |")
-    print(f"\nfirst compiled call (compiles the step): {compile_seconds:.1f}s; compiled samples identical to eager: "
-          f"{sum(same)}/{len(same)}")
+    print("| case | ours tok/s | model.generate tok/s | ours vs generate |\n|---|---|---|---|")
+    for name, p, new, samples in cases:
+        best, _ = best_of(args.repeats, {"ours": ours(p, new, samples),
+                                         "generate": lambda: transformers_generate(lm, p, new, samples)})
+        tokens = len(p) * samples * new
+        print(f"| {name} | {tokens / best['ours']:,.0f} | {tokens / best['generate']:,.0f} | "
+              f"{best['generate'] / best['ours']:.2f}x |")
 
     # (c) early stops: EOS is a common token of this random model, so lengths spread out
     p = prompts_of(8, 24, 2)
 
-    def grpo_batch(compile=False):  # one generator per prompt: the samples do not depend on the batch's shape
+    def grpo_batch():  # one generator per prompt: the samples do not depend on the batch's shape
         gens = [torch.Generator().manual_seed(4 + i) for i in range(len(p))]
-        return sample.sample(lm, p, 256, num_samples=8, eos_token_id=7, generator=gens, compile=compile)
+        return sample.sample(lm, p, 256, num_samples=8, eos_token_id=7, generator=gens)
 
     def kept():
         keep_fraction, sample.LEAVE_FRACTION = sample.LEAVE_FRACTION, 2.0  # rows never leave
@@ -113,12 +99,12 @@ def main():
             return grpo_batch()
         finally:
             sample.LEAVE_FRACTION = keep_fraction
-    best, out = best_of(args.repeats, {"shrink": grpo_batch, "keep": kept, "compiled": lambda: grpo_batch(True)})
+    best, out = best_of(args.repeats, {"shrink": grpo_batch, "keep": kept})
     assert out["shrink"].tokens == out["keep"].tokens
     lengths = sorted(len(t) for t in out["shrink"].tokens)
     print(f"\n(c) 8 prompts x 8 samples, max 256, lengths min/median/max {lengths[0]}/{lengths[32]}/{lengths[-1]}: "
           f"{best['shrink']:.2f}s with finished rows leaving the batch, {best['keep']:.2f}s keeping them "
-          f"({best['keep'] / best['shrink']:.2f}x); compiled, rows leaving: {best['compiled']:.2f}s")
+          f"({best['keep'] / best['shrink']:.2f}x)")
 
     p = prompts_of(64, 24, 0)
     best, _ = best_of(args.repeats, {"ours": ours(p, 256), "bare": lambda: floor(lm, p, 256)})

@@ -27,6 +27,7 @@ Imports: torch, transformers, grpo (sequence_logprobs), model (new_tiny_model).
 """
 import argparse
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -131,6 +132,6 @@ if __name__ == "__main__":
     else:
         ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         ap.add_argument("--rounds", type=int, default=2, help="timed passes of each forward (best counts)")
-        ap.add_argument("--threads", type=int, default=1, help="torch threads")
+        ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1), help="torch threads")
         args = ap.parse_args()
         main(args.rounds, args.threads)

@@ -21,7 +21,7 @@ from model import TinyTokenizer, new_tiny_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "data", "rl_golden.json")
-TIMING = {"time_sample", "time_reward", "time_train", "tokens_per_s"}
+TIMING = {"time_sample", "time_reward", "time_train", "time_update", "tokens_per_s"}
 RUNNER = f"""
 import sys, zlib
 sys.path.insert(0, {ROOT!r})

@@ -1,11 +1,7 @@
 """sample.py against full forward passes and transformers' own generate."""
 import collections
-import os
-import shutil
-
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sample
@@ -200,8 +196,7 @@ def test_any_of_several_eos_ids_ends_a_sample(lm):
 
 
 def _eos_ending_some(lm, gens):
-    """An EOS id that ends some of 12 samples early and not others (so rows leave mid-generation).
-    (12 rows: a batch equal to a model dimension, 16 in the Llama, would be specialised by compile.)"""
+    """An EOS id that ends some of 12 samples early and not others (so rows leave mid-generation)."""
     for eos in range(3, 64):
         ro = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens())
         if 3 <= sum(ro.finished) <= 9:
@@ -209,51 +204,69 @@ def _eos_ending_some(lm, gens):
     raise AssertionError("no EOS id ends between 3 and 9 of the 12 samples")
 
 
-def test_cache_keeps_its_buffers_and_rows_leave_only_at_reads(lm, monkeypatch):
-    def gens():
-        return [torch.Generator().manual_seed(7 + i) for i in range(len(PROMPTS))]
-    eos, every_step = _eos_ending_some(lm, gens)
+def _decode_calls(lm):
+    """Per decode step: (batch rows, mask shape, the cache's buffer addresses); a hook records them."""
     calls = []
 
     def record(module, args, kw):
         if kw.get("past_key_values") is not None:  # decode steps (the prefill has no cache yet)
-            calls.append((kw["attention_mask"].shape, {layer.keys.shape for layer in kw["past_key_values"].layers}))
-    hook = lm.register_forward_pre_hook(record, with_kwargs=True)
+            buffers = tuple(layer.keys.data_ptr() for layer in kw["past_key_values"].layers)
+            calls.append((kw["input_ids"].shape[0], tuple(kw["attention_mask"].shape), buffers))
+    return calls, lm.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_cache_keeps_its_buffers_and_rows_leave_only_at_reads(lm, monkeypatch):
+    def gens():
+        return [torch.Generator().manual_seed(7 + i) for i in range(len(PROMPTS))]
+    eos, every_step = _eos_ending_some(lm, gens)
+    calls, hook = _decode_calls(lm)
     monkeypatch.setattr(sample, "sync_every", lambda device: 8)  # what an accelerator does
     every_8th = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens())
+    later = sample.generate(lm, PROMPTS[1:], 12, temperature=0)  # a smaller call reuses the buffers
     hook.remove()
     # one generator per prompt: when finished rows leave does not change any sample
     assert every_8th == every_step
+    assert len({buffers for _, _, buffers in calls}) == 1  # the same buffers throughout, and for the next call
     width = max(map(len, PROMPTS))
-    batches = []
-    for step, (mask_shape, kv_shapes) in enumerate(calls):
-        (rows, heads, columns, dim), = kv_shapes
-        assert columns == width + 30  # buffers for the whole generation, from the first step
-        assert mask_shape == (rows, 1, 1, width + step + 1)  # eager: the columns written so far
-        batches.append(rows)
+    batches = [rows for rows, _, _ in calls[:-12]]
+    for step, (rows, mask_shape, _) in enumerate(calls[:-12]):
+        assert mask_shape == (rows, 1, 1, width + step + 1)  # on the CPU: the live rows, the columns written
     changes = [s for s in range(1, len(batches)) if batches[s] != batches[s - 1]]
     assert batches[0] == 12 and changes and all((s + 1) % 8 == 0 for s in changes)
+    assert later == [row[:12] for row in sample.generate(lm, PROMPTS, 12, temperature=0)[1:]]
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor on CPU needs a C++ compiler")
-def test_compiled_decode_step_gives_the_same_samples():
-    """Compiled steps attend over the whole cache (fixed shapes) and must match eager ones.
-    fullgraph=True: a graph break (a host sync, a shape-dependent branch) would raise. One
-    model only, a compile costs 10-40 s on CPU: the GQA Llama (the built-in Qwen2 compiles in
-    bench/sample.py, which checks its tokens too)."""
+def test_bucketed_steps_give_the_same_samples(lm):
+    """What a GPU runs, on the CPU (without the graph capture): batches rounded up to a bucket
+    of rows, attention over the written columns rounded up to a bucket, rows past the live ones
+    computing filler, live rows packed to the front as others finish. Same samples as exact steps."""
+    def gens():
+        return [torch.Generator().manual_seed(11 + i) for i in range(len(PROMPTS))]
+    eos, _ = _eos_ending_some(lm, gens)
+    calls, hook = _decode_calls(lm)
+    exact = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens())
+    live = [rows for rows, _, _ in calls]
+    calls.clear()
+    sample._DECODERS[lm].buckets = (4, 16)  # rows, columns
+    bucketed = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens())
+    hook.remove()
+    assert bucketed.tokens == exact.tokens and bucketed.finished == exact.finished
+    for a, b in zip(bucketed.logprobs, exact.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    width = max(map(len, PROMPTS))
+    assert [rows for rows, _, _ in calls] == [4 * -(-n // 4) for n in live]
+    assert any(rows > n for (rows, _, _), n in zip(calls, live))  # filler rows did run
+    assert {mask[-1] for _, mask, _ in calls} == {16, 32, width + 30}  # width + 30: all the columns there are
+
+
+def test_decode_steps_read_grouped_key_value_heads_without_copies(monkeypatch):
+    """GQA (4 query heads, 2 key/value heads): only the prefill repeats the key/value heads;
+    a decode step reads the cache as it is, whatever its length."""
+    from transformers.integrations import sdpa_attention
     lm = _diverse(MODELS["llama-gqa"](0), 0)
-
-    def gens(ids):
-        return [torch.Generator().manual_seed(11 + i) for i in ids]
-    eos, eager = _eos_ending_some(lm, lambda: gens(range(4)))
-    graphs = counters["stats"]["unique_graphs"]
-    compiled = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens(range(4)), compile=True)
-    assert compiled.tokens == eager.tokens and compiled.finished == eager.finished
-    for a, b in zip(compiled.logprobs, eager.logprobs):
-        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)  # fused kernels round differently
-    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, though rows left the batch
-    # a later call with another batch size and cache length reuses it
-    later = dict(num_samples=5, eos_token_id=eos)
-    again = sample.sample(lm, PROMPTS[1:], 24, generator=gens(range(1, 4)), compile=True, **later)
-    assert counters["stats"]["unique_graphs"] == graphs + 1
-    assert again.tokens == sample.sample(lm, PROMPTS[1:], 24, generator=gens(range(1, 4)), **later).tokens
+    copied = []
+    repeat = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda states, n: copied.append(states.shape[2]) or repeat(states, n))
+    sample.generate(lm, PROMPTS, 6, temperature=0)
+    width = max(map(len, PROMPTS))
+    assert copied == [width] * 4  # keys and values of the prefill's 2 layers

@@ -17,7 +17,7 @@ import train
 from model import TinyTokenizer, new_tiny_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = {"time_sample", "time_reward", "time_train", "tokens_per_s"}
+TIMING = {"time_sample", "time_reward", "time_train", "time_update", "tokens_per_s"}
 
 RUNNER = os.path.join(ROOT, "tests", "pseudo_outcome.py")  # train.py with a pseudo-random outcome
 
@@ -254,3 +254,34 @@ def test_oversampled_run_trains_on_fewer_flat_groups(setup):
     assert result.returncode == 0, result.stderr[-2000:]
     for row in _metrics(setup / "oversampled")[1:]:
         assert row["zero_adv_frac"] <= row["sampled_zero_adv_frac"]
+
+
+COMPILED = f"""
+import functools, sys
+sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+import torch
+import pseudo_outcome, train
+# dynamo and AOTAutograd trace the forward and backward as inductor would get them; inductor's own
+# C++ code generation would add minutes on 2 cores (README: the same run with inductor, by hand)
+torch.compile = functools.partial(torch.compile, backend="aot_eager")
+if __name__ == "__main__":
+    train.main(sys.argv[1:])
+"""
+
+
+def test_compiled_training_forward_gives_the_eager_metrics(setup):
+    """--compile with the default prompt-shared forward on the built-in Qwen2 (it once crashed:
+    the forward set and deleted a layer attribute, which dynamo replays after a graph break)."""
+    (setup / "compiled.py").write_text(COMPILED)
+    for name, script in (("eager", RUNNER), ("compiled", str(setup / "compiled.py"))):
+        extra = ("--compile",) if name == "compiled" else ()
+        result = _run([sys.executable, script] + _args(setup, setup / name, 2, *extra)[1:])
+        assert result.returncode == 0, result.stderr[-2000:]
+    eager, compiled = _metrics(setup / "eager"), _metrics(setup / "compiled")
+    assert len(eager) == len(compiled) == 3 and eager[1]["zero_adv_frac"] < 1
+    for row_a, row_b in zip(eager, compiled):
+        assert row_a.keys() == row_b.keys()
+        for key in row_a.keys() - TIMING:
+            assert row_a[key] == pytest.approx(row_b[key], rel=1e-4, abs=1e-5), key
+    wa, wb = _weights(setup / "eager"), _weights(setup / "compiled")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

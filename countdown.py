@@ -447,8 +447,13 @@ PRESETS = {  # problem distributions: keyword arguments of random_problem
 
 def heldout_problems(n, preset="tiny"):
     """The first n problems of the fixed held-out stream of a preset (the same everywhere)."""
+    return list(_heldout_stream(n, preset))
+
+
+@functools.lru_cache(maxsize=None)  # a run asks twice (what it evaluates, what it never trains on): 8 s each for longproc
+def _heldout_stream(n, preset):
     rng = random.Random(HELDOUT_SEED)
-    return [random_problem(rng, **PRESETS[preset]) for _ in range(n)]
+    return tuple(random_problem(rng, **PRESETS[preset]) for _ in range(n))
 
 
 def load_problems(path):

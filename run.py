@@ -150,7 +150,7 @@ def build_run(args, rank, world, device):
     else:
         train_model = policy
     if args.compile:
-        train_model = torch.compile(train_model, dynamic=True)  # micro-batch widths vary every call
+        train_model = torch.compile(train_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     terms = mode_terms(args.mode)
     run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model,

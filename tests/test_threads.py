@@ -1,5 +1,5 @@
-"""Threads on the CPU: the user's OMP_NUM_THREADS wins in every phase of train.py (warm start,
-rollouts, training passes, held-out evaluation), eval.py and critic.py; without it, train.py and
+"""Threads on the CPU: the user's OMP_NUM_THREADS wins in every phase of train.py (rollouts,
+training passes, held-out evaluation), eval.py and critic.py; without it, train.py and
 critic.py use this machine's cores (shared among train.py's processes) and eval.py torch's default.
 Each program runs in a fresh process whose phases are spied on: the spy records
 torch.get_num_threads() whenever a phase's function is called."""
@@ -58,13 +58,13 @@ def _threads_seen(setup, program, omp, *argv):
 
 
 def _train(setup, omp):
-    seen = []
-    for mode in ("sft", "grpo"):
-        seen += _threads_seen(setup, "train", omp, "--mode", mode, "--model", str(setup / "model"), "--out",
-                              str(setup / f"run-{mode}-{omp}"), "--steps", "1", "--batch-size", "2",
-                              "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
-                              "--minibatches", "1", "--eval-problems", "2", "--procs", "1")
-    return set(seen)
+    """An RL step: held-out evaluation, rollouts, the old pass and the update (the warm start
+    runs in the same process after the same cpu_threads call, its passes through the same
+    grpo.sequence_logprobs)."""
+    return set(_threads_seen(setup, "train", omp, "--mode", "grpo", "--model", str(setup / "model"), "--out",
+                             str(setup / f"run-{omp}"), "--steps", "1", "--prompts-per-step", "2", "--group-size",
+                             "2", "--max-new-tokens", "8", "--minibatches", "1", "--eval-problems", "2",
+                             "--procs", "1"))
 
 
 def _torch_default():

@@ -6,6 +6,10 @@
     runs/grpo/latest                     the name of the newest complete checkpoint (one line)
     runs/grpo/metrics.jsonl              one JSON line per step (train.metric_docs() names every key)
     runs/grpo/heldout.jsonl              per evaluation, which held-out problems were solved ("0110...")
+    runs/grpo/rollouts.jsonl             what the policy wrote: a group of rollouts every --log-rollouts-every
+                                         steps, a few greedy held-out answers per evaluation (eval.py --show)
+    runs/grpo/tensorboard/               with --log tensorboard: every metrics.jsonl key as a scalar
+    runs/grpo/wandb_id                   with --log wandb: the W&B run a --resume continues
     runs/grpo/args.json                  the flags the run started with (never rewritten)
     runs/grpo/args_history.jsonl         flags changed on a --resume (e.g. --steps), from which step
 
@@ -17,6 +21,7 @@ leaves `latest` naming a complete checkpoint; a checkpoint that is damaged anywa
 file) is skipped on resume for the newest intact one, and the user is told.
 Imports: model (saving), torch, safetensors.
 """
+import importlib.util
 import json
 import os
 import re
@@ -141,9 +146,9 @@ def append_metrics(run_dir, row, name="metrics.jsonl"):
 
 
 def truncate_metrics(run_dir, step, say=print):
-    """On resume: drop the lines a stopped run wrote after its last checkpoint (metrics.jsonl
-    and heldout.jsonl), and a partial last line (a kill during a write)."""
-    for name in ("metrics.jsonl", "heldout.jsonl"):
+    """On resume: drop the lines a stopped run wrote after its last checkpoint (metrics.jsonl,
+    heldout.jsonl, rollouts.jsonl), and a partial last line (a kill during a write)."""
+    for name in ("metrics.jsonl", "heldout.jsonl", "rollouts.jsonl"):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):
             continue
@@ -162,6 +167,56 @@ def truncate_metrics(run_dir, step, say=print):
                 rows.append(json.dumps(row) + "\n")
         with open(path, "w") as f:
             f.writelines(rows)
+
+
+LOGGERS = ("tensorboard", "wandb")  # --log choices; each is the package it needs
+
+
+def missing_logger(names):
+    """One line for the first --log whose package is not installed (checked before any model
+    loads), or None."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            return f"--log {name} needs the {name} package: pip install {name}"
+    return None
+
+
+class Mirror:
+    """metrics.jsonl stays the source of truth; each of its rows is also sent, key by key, to
+    TensorBoard (run_dir/tensorboard) and/or Weights & Biases (rank 0 only). A resumed run
+    continues the same logger run: TensorBoard purges the events past the checkpoint's step,
+    W&B resumes the run id kept in run_dir/wandb_id (offline: WANDB_MODE=offline)."""
+
+    def __init__(self, names, run_dir, start, config):
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start + 1)
+        if "wandb" in names:
+            import wandb
+            id_file = os.path.join(run_dir, "wandb_id")
+            if not os.path.exists(id_file):
+                with open(id_file, "w") as f:
+                    f.write(wandb.util.generate_id() + "\n")
+            with open(id_file) as f:
+                run_id = f.read().strip()
+            self.wandb = wandb.init(project="countdown-rl", name=os.path.basename(os.path.abspath(run_dir)),
+                                    id=run_id, resume="allow", dir=run_dir, config=config)
+
+    def log(self, row):
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tensorboard:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def read_args(run_dir):

@@ -19,7 +19,11 @@ from fractions import Fraction
 from typing import NamedTuple
 
 MAX_VALUE = 2000  # results must stay below this (LongProc's "maximum intermediate result")
-OPS = "+-*/"  # the order in which the search tries operations
+OPS = "+-*/"  # the order in which LongProc's search tries operations
+# The operation orders the built-in tiny model's demonstrations follow, one per trace, announced
+# in the trace's first line (README, "The testbed"): under the default budget each fits about
+# half of the problems, and a choice per problem between them fits 70%
+STRATEGIES = ("+-*/", "+*/-")
 
 
 class Problem(NamedTuple):
@@ -63,8 +67,9 @@ class Step(NamedTuple):
     child: tuple = ()
 
 
-def _search(nums, target, depth, steps, path):
-    """Depth-first search below the state `nums`, whose own line sits at indent `depth`.
+def _search(nums, target, depth, steps, path, ops=OPS):
+    """Depth-first search below the state `nums`, whose own line sits at indent `depth`, trying
+    the operations on a pair in the order `ops`.
 
     Appends Steps; on success leaves the winning (big, op, small, value) in `path` and returns
     True. A state of more than two numbers picks pairs first; a state of two numbers tries the
@@ -79,7 +84,7 @@ def _search(nums, target, depth, steps, path):
                 steps.append(Step("pick", depth + 1, nums[i], nums[j], child=rest))
                 try_depth = depth + 2
             big, small = max(nums[i], nums[j]), min(nums[i], nums[j])
-            for op in OPS:
+            for op in ops:
                 if op == "/" and small == 0:  # LongProc writes this line too, at every depth
                     steps.append(Step("try", try_depth, big, small, op, None, "invalid"))
                     continue
@@ -99,7 +104,7 @@ def _search(nums, target, depth, steps, path):
                 else:
                     child = (value,) + rest
                     steps.append(Step("try", try_depth, big, small, op, value, "state", child))
-                    if _search(child, target, try_depth, steps, path):
+                    if _search(child, target, try_depth, steps, path, ops):
                         return True
                 path.pop()
     return False
@@ -146,25 +151,29 @@ def _compact_line(step, target):
 STYLES = ("longproc", "compact")
 
 
-def search_trace(nums, target, style="longproc"):
+def search_trace(nums, target, style="longproc", ops=OPS):
     """The written search for a problem, or None when it has no solution.
 
     "longproc": LongProc's demonstration (search log, trace-back, <Solution>), byte for byte.
-    "compact": the same search, one line per legal operation with the set it leads to
-    (`21+16=37 [37,17,26]`; a leaf restates the target: `54+26=80|46`), then <Solution>.
-    Operations without a legal result (x / 0, decimals, results past the maximum) get no line
-    there, as they lead to no set. ~7x shorter: the format the built-in tiny model learns.
+    "compact": the same search, announced by its operation order in the first line, then one
+    line per legal operation with the set it leads to (`21+16=37 [37,17,26]`; a leaf restates
+    the target: `54+26=80|46`), then <Solution>. Operations without a legal result (x / 0,
+    decimals, results past the maximum) get no line there, as they lead to no set. ~7x
+    shorter: the format the built-in tiny model learns.
+    ops: the order in which every node tries + - * / (LongProc's is OPS).
     """
     nums = list(nums)
     if len(nums) < 2:
         raise ValueError(f"Countdown needs at least 2 numbers, got {nums}")
     if style not in STYLES:
         raise ValueError(f"unknown trace style {style!r}: expected one of {STYLES}")
+    if sorted(ops) != sorted(OPS):
+        raise ValueError(f"ops {ops!r} must order each of {OPS} once")
     steps, path = [], []
-    if not _search(nums, target, 0, steps, path):
+    if not _search(nums, target, 0, steps, path, ops):
         return None
     if style == "compact":
-        lines = [_compact_line(s, target) for s in steps if s.kind == "try" and s.child]
+        lines = [ops] + [_compact_line(s, target) for s in steps if s.kind == "try" and s.child]
         return "\n".join(lines) + "\n<Solution>\n" + "".join(f"{a} {op} {b} = {v}\n" for a, op, b, v in path) + "</Solution>\n"
     equations = [f"{a} {op} {b} = {v}" for a, op, b, v in path]
     names = ["Final step"] + ["The step before"] * (len(path) - 2) + ["The first step"] * (len(path) > 1)
@@ -382,6 +391,41 @@ def verify_expression(nums, target, text):
         return False
     value = _evaluate(tokens)
     return value is not None and value == target
+
+
+# ---------------------------------------------------------------------------------------------
+# What became of an answer
+
+_FOUND_LEAF = re.compile(r"^[0-9]{1,6}[-+*/][0-9]{1,6}=([0-9]{1,6})\|[0-9]{1,6}$"
+                         r"|Evaluate ([0-9]{1,6}) == [0-9]{1,6}, target found!", re.ASCII | re.MULTILINE)
+FAILURES = ("solved", "out of tokens", "no block", "guess", "slip")
+
+
+def wrote_found_leaf(completion, target):
+    """Whether the search written before the first <Solution> has a leaf whose value is the
+    target (compact `38+8=46|46`, or LongProc's `Evaluate 46 == 46, target found!`)."""
+    head = completion.split("<Solution>", 1)[0]
+    return any(int(m[1] or m[2]) == target for m in _FOUND_LEAF.finditer(head))
+
+
+def failure(nums, target, completion, finished):
+    """What became of an answer, one of FAILURES: solved; out of tokens (the budget ended it);
+    no block (it stopped without a parsable <Solution>); guess (a block after a search that
+    never hit the target: a stop at a miss, or no search at all); slip (the search hit the
+    target, and the block is wrong anyway). `finished`: it stopped by itself (EOS, stop string)."""
+    if verify(nums, target, completion):
+        return "solved"
+    if not finished:
+        return "out of tokens"
+    if not solution_format_ok(completion, len(nums)):
+        return "no block"
+    return "slip" if wrote_found_leaf(completion, target) else "guess"
+
+
+def strategy_of(completion):
+    """The operation order a compact trace announces in its first line, or None."""
+    first = completion.split("\n", 1)[0].strip()
+    return first if sorted(first) == sorted(OPS) else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@
     python eval.py --model runs/tiny-sft --data ../shared/longproc/countdown_0.5k.json
     python eval.py --model A --model B --samples 8 --temperature 1.0 --json out.json
     python eval.py --plot runs/grpo/metrics.jsonl runs/clipo/metrics.jsonl --out curves.png
+    python eval.py --show runs/grpo                             # what the policy writes, readably
 
 Per model: success rate (pass@1, the mean over all samples), pass@k (k = --samples: a problem
 counts when any sample solves it), format-error rate (no parsable <Solution> block), mean
-response length in tokens, sampled tokens/s. The built-in tiny model gets the bare prompt and
+response length in tokens, sampled tokens/s, and what became of the failed answers
+(countdown.failure: out of tokens, no block, guess, slip). The built-in tiny model gets the bare prompt and
 writes the compact trace; other models get the "longproc" prompt through their chat template.
 `evaluate()` is what train.py calls for its periodic held-out evaluation. On a GPU the model is
 loaded there in bf16 (`--fp32` to keep fp32); on CPU in fp32 (`--bf16` to use bf16 there too).
@@ -79,44 +81,55 @@ def default_style(tokenizer):
 
 
 def default_max_new_tokens(style):
-    # the tiny model's compact traces of "tiny" problems stay under ~390 tokens (2,000 drawn);
-    # LongProc 0.5k demonstrations under ~650 of a typical BPE tokenizer's tokens
-    return 512 if style == "bare" else 1024
+    # the tiny model's budget binds (compact traces of "tiny" problems reach ~390 tokens): at 160
+    # tokens one operation order fits about half of the problems, a choice between two 70%
+    # (README, "The testbed"); LongProc 0.5k demonstrations stay under ~650 of a BPE tokenizer's tokens
+    return 160 if style == "bare" else 1024
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, *, samples=1, temperature=0.0, style=None, max_new_tokens=None,
-             batch_size=64, seed=0, progress=False, eos_token_id=None):
-    """Metrics (KEYS) of `model` on `problems`, `samples` completions each, and "solved": each
-    problem's success rate over its samples (for intervals and paired comparisons)."""
+             batch_size=64, seed=0, progress=False, eos_token_id=None, start=""):
+    """Metrics (KEYS) of `model` on `problems`, `samples` completions each; "solved": each
+    problem's success rate over its samples (for intervals and paired comparisons); "failures"
+    and "strategies": what became of the answers and the operation orders they announced;
+    "texts" and "failure_kinds": each answer and what became of it. start: the answer's first characters, given rather than generated
+    (e.g. a strategy line); their tokens count against max_new_tokens."""
     style = style or default_style(tokenizer)
     max_new_tokens = max_new_tokens or default_max_new_tokens(style)
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    solved, formatted, lengths, seconds = [], [], [], 0.0
+    given = tokenizer.encode(start, add_special_tokens=False) if start else []
+    solved, formatted, lengths, failures, strategies, texts, seconds = [], [], [], [], [], [], 0.0
     per_call = max(1, batch_size // samples)
     chunks = range(0, len(problems), per_call)
-    for start in tqdm(chunks, desc="eval", disable=not progress, leave=False):
-        chunk = problems[start:start + per_call]
-        prompts = [encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc") for p in chunk]
+    for first in tqdm(chunks, desc="eval", disable=not progress, leave=False):
+        chunk = problems[first:first + per_call]
+        prompts = [encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc") + given for p in chunk]
         t = time.perf_counter()
-        out = sample(model, prompts, max_new_tokens, temperature=temperature, num_samples=samples,
+        out = sample(model, prompts, max_new_tokens - len(given), temperature=temperature, num_samples=samples,
                      eos_token_id=eos_token_id or eos_token_ids(model, tokenizer), stop="</Solution>", tokenizer=tokenizer,
                      generator=generator, pad_token_id=tokenizer.pad_token_id)
         seconds += time.perf_counter() - t
         for k, tokens in enumerate(out.tokens):
             p = chunk[k // samples]
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            text = start + tokenizer.decode(tokens, skip_special_tokens=True)
+            texts.append(text)
             solved.append(countdown.verify(p.nums, p.target, text))
             formatted.append(countdown.solution_format_ok(text, len(p.nums)))
-            lengths.append(len(tokens))
+            lengths.append(len(given) + len(tokens))
+            failures.append(countdown.failure(p.nums, p.target, text, out.finished[k]))
+            strategies.append(countdown.strategy_of(text))
     model.train(was_training)
     by_problem = [any(solved[i:i + samples]) for i in range(0, len(solved), samples)]
     return {"success_rate": sum(solved) / len(solved), "pass_at_k": sum(by_problem) / len(by_problem),
             "solved": [sum(solved[i:i + samples]) / samples for i in range(0, len(solved), samples)],
             "format_error_rate": 1 - sum(formatted) / len(formatted), "mean_length": sum(lengths) / len(lengths),
-            "tokens_per_s": sum(lengths) / max(seconds, 1e-9)}
+            "tokens_per_s": sum(lengths) / max(seconds, 1e-9),
+            "failures": {kind: failures.count(kind) / len(failures) for kind in countdown.FAILURES},
+            "strategies": {str(kind): strategies.count(kind) / len(strategies) for kind in sorted(set(strategies), key=str)},
+            "texts": texts, "failure_kinds": failures}
 
 
 def plot(paths, out):
@@ -156,6 +169,37 @@ def plot(paths, out):
     print(f"wrote {out}")
 
 
+WHAT_BECAME = {"solved": "solved", "out of tokens": "out of tokens (the budget ended it)",
+               "no block": "no block (stopped without a parsable <Solution>)",
+               "guess": "guess (a <Solution> after a search that never hit the target)",
+               "slip": "slip (the search hit the target, the <Solution> is wrong anyway)"}
+
+
+def show(run_dir, responses=8):
+    """Print the newest rollouts and held-out answers of a run's rollouts.jsonl, readably."""
+    path = os.path.join(run_dir, "rollouts.jsonl")
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"error: {path}: cannot read rollouts ({e}); train.py writes it at evaluations")
+    newest = {row["kind"]: row for row in rows}  # the last of each kind
+    group = newest.get("rollouts")
+    if group:
+        print(f"step {group['step']}: rollouts of Numbers {group['nums']}, Target {group['target']}\n")
+        for k, response in enumerate(group["responses"][:responses], 1):
+            terms = "".join(f", {name} {value:+.3f}" for name, value in response["terms"].items())
+            print(f"#{k}  reward {response['reward']:.3f}{terms}, {response['length']} tokens: "
+                  f"{WHAT_BECAME[response['failure']]}")
+            print("    " + response["text"].strip().replace("\n", "\n    ") + "\n")
+    answers = newest.get("heldout")
+    if answers:
+        print(f"step {answers['step']}: greedy held-out answers\n")
+        for answer in answers["answers"]:
+            print(f"Numbers {answer['nums']}, Target {answer['target']}: {WHAT_BECAME[answer['failure']]}")
+            print("    " + answer["text"].strip().replace("\n", "\n    ") + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="a model directory or hub name; repeat for a side-by-side table")
@@ -172,12 +216,15 @@ def main():
     precision.add_argument("--bf16", action="store_true", help="bf16 weights on CPU too (default on a GPU)")
     precision.add_argument("--fp32", action="store_true", help="fp32 weights on a GPU too (default on CPU)")
     ap.add_argument("--plot", nargs="+", metavar="METRICS_JSONL", help="plot training curves instead")
+    ap.add_argument("--show", metavar="RUN", help="print the newest rollouts and held-out answers of a run instead")
     ap.add_argument("--out", default="curves.png", help="PNG file for --plot")
     args = ap.parse_args()
     if args.plot:
         return plot(args.plot, args.out)
+    if args.show:
+        return show(args.show)
     if not args.model:
-        ap.error("give --model DIR (or --plot FILES)")
+        ap.error("give --model DIR (or --plot FILES, or --show RUN)")
     if args.samples < 1 or (args.samples > 1 and args.temperature == 0):
         ap.error("--samples K > 1 needs --temperature > 0 (greedy samples are all the same)")
     try:
@@ -204,6 +251,8 @@ def main():
         percent_interval(r["success_rate"], *wilson(round(r["success_rate"] * n), n)) for r in results.values()) + " |")
     for key in KEYS[1:]:
         print(f"| {key.replace('_at_k', f'@{args.samples}')} | " + " | ".join(f"{r[key]:.3f}" for r in results.values()) + " |")
+    for kind in countdown.FAILURES[1:]:  # what became of the answers that failed (countdown.failure)
+        print(f"| failed: {kind} | " + " | ".join(f"{r['failures'][kind]:.3f}" for r in results.values()) + " |")
     first, *others = results
     for path in others:
         mean, lo, hi = paired_difference(results[first]["solved"], results[path]["solved"])

@@ -9,7 +9,7 @@ rl_step(run, step) fills one `Rollouts`, in six stages numbered as in the code:
  2. rollouts: G samples per prompt (sample.py), packed into [N, T] rows and decoded;
  3. old pass: one no-grad forward for the old log-probs, entropies, the reference's log-probs
     (--kl-coef) and the pooled hidden states a reward term asks for (CLIPO);
- 4. rewards: outcome 1 + format 0.1, plus each reward term of the mode;
+ 4. rewards: outcome 1 (+ --format-reward, 0 by default), plus each reward term of the mode;
  5. advantages: group-normalised rewards, plus the rewards-to-go of the terms' step rewards;
  6. update: --ppo-epochs x --minibatches clipped updates.
 Forwards run in micro-batches of rows sorted by length, each cut to its longest row: rollouts
@@ -43,6 +43,7 @@ class Rollouts:
     attention: torch.Tensor            # [N, T] 1 on prompt and response tokens
     response: torch.Tensor             # [N, T] float, 1 on response tokens
     start: int                         # first response column: prompts are left-padded to end here
+    finished: list = None              # [N] the rollout stopped by itself (False: it ran out of tokens)
     old_logp: torch.Tensor = None      # [N, T] log-prob of each response token under the sampling policy
     entropy: torch.Tensor = None       # [N, T] entropy of that policy at each response token
     ref_logp: torch.Tensor = None      # [N, T] log-probs under the frozen reference (--kl-coef > 0)
@@ -52,6 +53,7 @@ class Rollouts:
     reward: torch.Tensor = None        # [N] outcome + format + the terms' bonuses
     step_rewards: torch.Tensor = None  # [N, T] the terms' per-token rewards, summed (0 elsewhere)
     advantages: torch.Tensor = None    # [N, T] group-normalised reward + rewards-to-go of step_rewards
+    bonuses: dict = None               # term name -> [N] its bonus in the reward (step rewards not included)
 
     @property
     def lengths(self):
@@ -104,7 +106,7 @@ def roll_out(run, problems, step, keep):
                                                          run.device)
     r = Rollouts(problems=[problems[g] for g in chosen for _ in range(group)],
                  tokens=[sampled.tokens[i] for i in rows], texts=[texts[i] for i in rows], ids=ids,
-                 attention=attention, response=response, start=start)
+                 attention=attention, response=response, start=start, finished=[sampled.finished[i] for i in rows])
     return r, sum(flat) / len(flat)
 
 
@@ -135,11 +137,12 @@ def score(run, r, step):
     r.correct, r.formatted = rewards.outcome(r.problems, r.texts)
     r.reward = r.correct + run.args.format_reward * r.formatted
     r.step_rewards = torch.zeros_like(r.response)
-    metrics = {}
+    r.bonuses, metrics = {}, {}
     for name in run.terms:
         bonus, step_rewards, term_metrics = rewards.REWARD_TERMS[name].score(run, r, step)
         if bonus is not None:
             r.reward = r.reward + bonus
+            r.bonuses[name] = bonus
         if step_rewards is not None:
             r.step_rewards = r.step_rewards + step_rewards
         metrics.update({f"{name}/{k}": v for k, v in term_metrics.items()})
@@ -195,6 +198,20 @@ def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
     run.optimizer.step()
 
 
+def readable_group(run, r, step):
+    """The step's first group, for a person to read (rollouts.jsonl): the prompt once, then each
+    response with its reward, the mode's terms' bonuses, whether it verified, its length and
+    what became of it (countdown.failure)."""
+    group, p = run.args.group_size, r.problems[0]
+    return {"step": step, "kind": "rollouts", "nums": list(p.nums), "target": p.target,
+            "prompt": countdown.prompt(p, run.style),
+            "responses": [{"text": r.texts[i], "reward": round(r.reward[i].item(), 4),
+                           "terms": {name: round(bonus[i].item(), 4) for name, bonus in r.bonuses.items()},
+                           "verified": bool(r.correct[i]), "length": len(r.tokens[i]),
+                           "failure": countdown.failure(p.nums, p.target, r.texts[i], r.finished[i])}
+                          for i in range(group)]}
+
+
 def rl_step(run, step):
     args, group = run.args, run.args.group_size
     # 1. prompts: this process's slice of the step's global list (--oversample: more, to choose from)
@@ -223,7 +240,10 @@ def rl_step(run, step):
 
     grouped, lengths = r.reward.view(-1, group), r.lengths
     first = r.advantages[:, r.start]  # the first response token's advantage
+    guesses = sum(countdown.failure(p.nums, p.target, text, done) == "guess"
+                  for p, text, done in zip(r.problems, r.texts, r.finished))
     sums = {"reward": r.reward.sum().item(), "correct": r.correct.sum().item(), "formatted": r.formatted.sum().item(),
+            "guesses": guesses,
             "adv": first.sum().item(), "adv_sq": (first ** 2).sum().item(),
             "flat_groups": (grouped.amax(1) == grouped.amin(1)).sum().item(),
             "entropy": (r.entropy * r.response).sum().item(), "response_tokens": r.response.sum().item(),
@@ -232,7 +252,7 @@ def rl_step(run, step):
     g = all_reduce(sums, run.world)
     n = g["rollouts"]
     row = {"loss": g["loss"] / run.world, "reward_mean": g["reward"] / n, "success_rate": g["correct"] / n,
-           "format_rate": g["formatted"] / n,
+           "format_rate": g["formatted"] / n, "guess_rate": g["guesses"] / n,
            "adv_std": math.sqrt(max(0.0, g["adv_sq"] / n - (g["adv"] / n) ** 2)),
            "zero_adv_frac": g["flat_groups"] / (n / group), "sampled_zero_adv_frac": g["sampled_flat"] / run.world,
            "kl": g["kl"] / run.world,
@@ -244,4 +264,5 @@ def rl_step(run, step):
     if args.kl_coef:
         row["kl_ref"] = g["kl_ref"] / run.world
     row.update({k: g[k] / run.world for k in term_metrics})
+    run.rollouts = r
     return row

@@ -86,6 +86,8 @@ class Run:
     """trains the critic on the rollouts (--critic-online)"""
     clipo: "clipo.ClipoModule" = None
     """CLIPO's head and its optimizer (mode "clipo")"""
+    rollouts: object = None
+    """the last RL step's rl.Rollouts on this process (train.py logs a group of it to rollouts.jsonl)"""
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)

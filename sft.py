@@ -4,8 +4,10 @@
     python train.py --mode sft --seed 1 --out runs/sft-seed1
 
 train.py runs the loop; this file holds the mode's data and step. The tiny model learns the
-compact trace (countdown.search_trace(..., style="compact")) after the bare prompt; a chat
-model (--prompt longproc) learns LongProc's demonstration after its chat-templated prompt.
+compact trace (countdown.search_trace(..., style="compact")) after the bare prompt, each
+example following one of --strategies (countdown.STRATEGIES by default; drawn uniformly,
+announced in its first line); a
+chat model (--prompt longproc) learns LongProc's demonstration after its chat-templated prompt.
 Imports: countdown, grpo, model, distributed, torch.
 """
 import functools
@@ -20,16 +22,18 @@ from model import encode_prompt
 
 
 @functools.lru_cache(maxsize=1)  # a pool serves 4 consecutive steps
-def sft_pool(seed, preset, style, per_rank, pool_index, rank, tokenizer, exclude):
+def sft_pool(seed, preset, style, strategies, per_rank, pool_index, rank, tokenizer, exclude):
     """Four batches of this rank's SFT examples (prompt ids, completion ids), sorted by length so
-    each batch pads little; a pure function of (seed, pool_index, rank)."""
+    each batch pads little; a pure function of (seed, pool_index, rank). Compact traces follow
+    one of `strategies` (operation orders), drawn per trace."""
     rng = random.Random(seed_for(seed, "sft", pool_index, rank))
     trace_style = "compact" if style == "bare" else "longproc"
     pool = []
     for _ in range(4 * per_rank):
         p = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS[preset])
+        ops = rng.choice(strategies) if trace_style == "compact" else countdown.OPS
         pool.append((encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc"),
-                     tokenizer.encode(countdown.search_trace(*p, style=trace_style)) + [tokenizer.eos_token_id]))
+                     tokenizer.encode(countdown.search_trace(*p, style=trace_style, ops=ops)) + [tokenizer.eos_token_id]))
     pool.sort(key=lambda x: len(x[0]) + len(x[1]))
     batches = [pool[k * per_rank:(k + 1) * per_rank] for k in range(4)]
     random.Random(seed_for(seed, "order", pool_index)).shuffle(batches)
@@ -40,8 +44,8 @@ def sft_step(run, step):
     """One supervised step on this rank's slice of the batch: cross-entropy of the completions."""
     args = run.args
     pool_index, part = divmod(step, 4)
-    batch = sft_pool(args.seed, args.preset, run.style, args.batch_size // run.world, pool_index, run.rank,
-                     run.tokenizer, run.exclude)[part]
+    batch = sft_pool(args.seed, args.preset, run.style, tuple(args.strategies), args.batch_size // run.world,
+                     pool_index, run.rank, run.tokenizer, run.exclude)[part]
     t0 = clock(run.device)
     ids, attention, response, start = grpo.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
                                                          run.tokenizer.pad_token_id, run.device)

@@ -32,7 +32,8 @@ import grpo
 import rewards
 import rl
 import sft
-from checkpoint import append_metrics, check_model_dir, latest_checkpoint, load_state, read_args, record_args, truncate_metrics
+from checkpoint import (LOGGERS, Mirror, append_metrics, check_model_dir, latest_checkpoint, load_state, missing_logger,
+                        read_args, record_args, truncate_metrics)
 from distributed import StopRequest, all_reduce, cpu_threads, launch, processes, seed_for
 from eval import evaluate, wilson
 from run import DEFAULT_CRITIC, DEFAULT_MODEL, SCRATCH, build_run, save
@@ -41,6 +42,7 @@ METRICS = {  # what each line of metrics.jsonl holds; the reward terms add their
     "loss": "training loss (SFT: cross-entropy per token; RL: clipped surrogate + KL)",
     "reward_mean": "mean total reward of the rollouts", "success_rate": "fraction of rollouts that verify",
     "format_rate": "fraction of rollouts with a parsable <Solution> block",
+    "guess_rate": "fraction of rollouts with a <Solution> block after a search that never hit the target",
     "adv_std": "std of the advantages", "zero_adv_frac": "fraction of groups whose rewards are all equal (no signal)",
     "sampled_zero_adv_frac": "the same among all sampled groups, before --oversample chose",
     "kl": "approx. KL(old || new) over the updates", "kl_ref": "k3 KL to the reference (with --kl-coef)",
@@ -88,8 +90,14 @@ def parse_args(argv=None):
     ap.add_argument("--eval-problems", type=int, default=1000, help="held-out problems (greedy) per evaluation")
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
+    ap.add_argument("--log", action="append", choices=LOGGERS, default=[],
+                    help="also send every metric to tensorboard or wandb (optional packages; repeat for both)")
+    ap.add_argument("--log-rollouts-every", type=int,
+                    help="steps between groups of rollouts written to rollouts.jsonl (default: --eval-every)")
     # SFT
     ap.add_argument("--batch-size", type=int, default=32, help="SFT sequences per step (global)")
+    ap.add_argument("--strategies", nargs="+", default=list(countdown.STRATEGIES),
+                    help="operation orders the tiny model's demonstrations follow, one drawn per trace")
     # RL
     ap.add_argument("--prompts-per-step", type=int, default=16, help="global; must divide by the world size")
     ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
@@ -109,7 +117,8 @@ def parse_args(argv=None):
     ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="token-mean")
     ap.add_argument("--no-scale-adv", action="store_true", help="mean-centre advantages only (Dr. GRPO)")
     ap.add_argument("--kl-coef", type=float, default=0.0)
-    ap.add_argument("--format-reward", type=float, default=0.1, help="added when a <Solution> block parses")
+    ap.add_argument("--format-reward", type=float, default=0.0,
+                    help="added when a <Solution> block parses; 0: RL learned to stop searching and guess for it")
     # critic / oracle
     ap.add_argument("--critic", default=DEFAULT_CRITIC, help="critic weights (trained first when absent); 'scratch': untrained (with --critic-online)")
     ap.add_argument("--critic-online", action="store_true",
@@ -142,6 +151,7 @@ def parse_args(argv=None):
     args.steps = args.steps or (1000 if sft else 250)
     args.lr = args.lr or (3e-3 if sft else 1e-4)
     args.eval_every = args.eval_every or (250 if sft else 25)
+    args.log_rollouts_every = args.log_rollouts_every or args.eval_every
     return args
 
 
@@ -166,10 +176,15 @@ def check_args(args, world):
                             f"{args.critic_credit} gives per-token advantages: use sequence credit or another --ratio")
     elif args.batch_size % world:
         problems.append(f"--batch-size {args.batch_size} does not divide by the {world} processes")
+    bad = [ops for ops in args.strategies if sorted(ops) != sorted(countdown.OPS)]
+    if bad:
+        problems.append(f"--strategies {bad[0]}: a strategy orders each of {countdown.OPS} once, e.g. +*/-")
     if args.fsdp and world < 2:
         problems.append("--fsdp shards over processes: run under torchrun, or with --procs 2 or more")
     if args.keep < 1:
         problems.append(f"--keep {args.keep}: keep at least the newest checkpoint")
+    if missing_logger(args.log):
+        problems.append(missing_logger(args.log))
     if args.resume and latest_checkpoint(args.out, say=lambda *a, **k: None) is None:
         problems.append(f"--resume: no intact checkpoint in {args.out}")
     if not args.resume and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
@@ -201,7 +216,7 @@ def check_args(args, world):
 
 # flags a resumed run may change (recorded in args_history.jsonl); every other flag defines the run
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_problems", "save_every", "keep", "procs", "micro_batch", "compile",
-                     "grad_checkpointing", "fsdp", "no_shared_prompt", "out", "resume"}
+                     "grad_checkpointing", "fsdp", "no_shared_prompt", "out", "resume", "log", "log_rollouts_every"}
 
 
 def resume_mismatches(args):
@@ -240,8 +255,14 @@ def heldout_success(run, heldout, step):
     solved = all_reduce(solved, run.world)
     if run.rank == 0:
         append_metrics(run.args.out, {"step": step, "solved": "".join(str(int(s)) for s in solved)}, "heldout.jsonl")
+        answers = [{"nums": list(heldout[i].nums), "target": heldout[i].target, "text": text, "failure": kind}
+                   for i, text, kind in zip(share, metrics["texts"], metrics["failure_kinds"])][:HELDOUT_SHOWN]
+        append_metrics(run.args.out, {"step": step, "kind": "heldout", "answers": answers}, "rollouts.jsonl")
     low, high = wilson(sum(solved), len(solved))
     return {"heldout/success_rate": sum(solved) / len(solved), "heldout/success_low": low, "heldout/success_high": high}
+
+
+HELDOUT_SHOWN = 8  # greedy held-out answers written to rollouts.jsonl per evaluation
 
 
 def warm_start_ready():
@@ -259,10 +280,16 @@ def train(args, rank, world, device):
         truncate_metrics(args.out, start)
         record_args(args.out, vars(args), start)
     step_fn = sft.sft_step if args.mode == "sft" else rl.rl_step
+    mirror = Mirror(args.log, args.out, start, vars(args)) if rank == 0 and args.log else None
+
+    def log(row):
+        append_metrics(args.out, row)
+        if mirror:
+            mirror.log(row)
     if start == 0 and args.mode != "sft":  # where RL starts from: step 0 of the curves
         row = {"step": 0, **heldout_success(run, heldout, 0)}
         if rank == 0:
-            append_metrics(args.out, row)
+            log(row)
     stop = StopRequest()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode, disable=rank != 0)
     step, stopping = start, False
@@ -277,7 +304,9 @@ def train(args, rank, world, device):
             row.update(heldout_success(run, heldout, step + 1))
         stopping = stop.agreed(world)  # every rank stops after the same step, or none does
         if rank == 0:
-            append_metrics(args.out, row)
+            log(row)
+            if run.rollouts is not None and (step + 1) % args.log_rollouts_every == 0:
+                append_metrics(args.out, rl.readable_group(run, run.rollouts, step + 1), "rollouts.jsonl")
             bar.set_postfix({k: round(row[k], 3) for k in ("loss", "reward_mean", "success_rate",
                                                           "heldout/success_rate") if k in row})
         if (step + 1) % args.save_every == 0 or done or stopping:
@@ -285,6 +314,8 @@ def train(args, rank, world, device):
         if stopping:
             break
     bar.close()
+    if mirror:
+        mirror.close()
     if world > 1:
         dist.barrier()  # the checkpoint is written before any rank reads it (RL after the warm start)
     if rank == 0:

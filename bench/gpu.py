@@ -7,12 +7,15 @@ real 151,936-token vocabulary, bf16; nothing downloaded). One table, on whatever
 Decoding, three cases: (a) 64 prompts x 256 new tokens, (b) one 1,000-token prompt x 16 samples
 x 128, (c) 8 prompts x G=8 x 1,024 (a GRPO step's rollouts); sampling at temperature 1, no EOS,
 so every row runs to the end. Contenders: our sampler eager (cuda_graphs=False: each step's
-kernels launched from Python), ours replaying CUDA graphs, and transformers' model.generate.
+kernels launched from Python), ours replaying CUDA graphs of our own decode step
+(sample.own_logits), ours replaying CUDA graphs of the model's forward (sample.OWN_STEP =
+False), and transformers' model.generate.
 Columns: tokens/s, ms per decode step (the call's time / new tokens), the first call's seconds
 (graphs: their captures included), peak memory. Time per call: the best of the first and two
-more ((c): one more with graphs, none without: those take ~90 s a call). Then greedy tokens against model.generate and against
-our eager steps (the embeddings are scaled up so that greedy choices are not near-ties that
-bf16 rounding flips). Last, two `rl_step`s of `--mode clipo --bf16 --grad-checkpointing` (8
+more ((c): one more with graphs, none without: those take ~90 s a call). Then greedy tokens
+against model.generate and against our eager steps, in bf16 (the embeddings are scaled up so
+that greedy choices are not near-ties that bf16 rounding flips; our step rounds in other places
+than transformers' forward: fused RMSNorm, the residual added inside the matmul) and in fp32. Last, two `rl_step`s of `--mode clipo --bf16 --grad-checkpointing` (8
 prompts x G=8 x 1,024 new tokens, LongProc prompts) with their breakdown (every time_* waits
 for the GPU) and the training passes' model FLOPs utilisation: 6 x parameters x tokens (prompt
 once per group, as the prompt-shared forward runs it, plus responses) per second of the update,
@@ -68,7 +71,10 @@ def prompts_of(n, length, seed):
     return [torch.randint(0, 151_000, (length + i % 7,), generator=g).tolist() for i in range(n)]
 
 
-def ours(model, prompts, new, samples, graphs, temperature=1.0):
+def ours(model, prompts, new, samples, graphs, temperature=1.0, own=True):
+    if sample.OWN_STEP != own:  # decoders made for the other step are made anew
+        sample.OWN_STEP = own
+        sample._DECODERS.clear()
     return sample.generate(model, prompts, new, num_samples=samples, temperature=temperature, cuda_graphs=graphs,
                            generator=torch.Generator(model.device).manual_seed(0))
 
@@ -94,11 +100,13 @@ def decoding(model, which):
         prompts = prompts_of(n, length, 1)
         contenders = {"eager": ("ours, eager", lambda: ours(model, prompts, new, samples, False)),
                       "graphs": ("ours, CUDA graphs", lambda: ours(model, prompts, new, samples, True)),
+                      "graphs-hf": ("ours, CUDA graphs of the model's forward",
+                                    lambda: ours(model, prompts, new, samples, True, own=False)),
                       "generate": ("model.generate", lambda: theirs(model, prompts, new, samples))}
         for contender, fn in (contenders[key] for key in which):
             try:
                 first, peak, _ = timed(fn)
-                again = 2 if new <= 256 else int(contender == "ours, CUDA graphs")  # (c): ~90 s a call without graphs
+                again = 2 if new <= 256 else int("graphs" in contender)  # (c): ~90 s a call without graphs
                 best = min([first] + [timed(fn)[0] for _ in range(again)])
                 tokens = n * samples * new
                 print(f"| {name} | {contender} | {tokens / best:,.0f} | {1e3 * best / new:.2f} | {first:.1f} | "
@@ -110,13 +118,16 @@ def decoding(model, which):
 
 def greedy_agreement(model):
     prompts = prompts_of(64, 24, 2)
-    graphed = ours(model, prompts, 64, 1, True, temperature=0)
-    for name, other in (("model.generate", theirs(model, prompts, 64, 1, temperature=0)),
-                        ("our eager steps", ours(model, prompts, 64, 1, False, temperature=0))):
-        same = sum(a == b for a, b in zip(graphed, other))
-        first = [next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), 64) for a, b in zip(graphed, other)]
-        print(f"greedy, 64 prompts x 64 tokens, CUDA graphs vs {name}: {same}/64 rows equal "
-              f"(mean first difference at token {sum(first) / len(first):.1f})", flush=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        model.to(dtype)
+        graphed = ours(model, prompts, 64, 1, True, temperature=0)
+        for name, other in (("model.generate", theirs(model, prompts, 64, 1, temperature=0)),
+                            ("our eager steps", ours(model, prompts, 64, 1, False, temperature=0))):
+            same = sum(a == b for a, b in zip(graphed, other))
+            first = [next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), 64) for a, b in zip(graphed, other)]
+            print(f"greedy, {str(dtype)[6:]}, 64 prompts x 64 tokens, CUDA graphs vs {name}: {same}/64 rows equal "
+                  f"(mean first difference at token {sum(first) / len(first):.1f})", flush=True)
+    model.to(torch.bfloat16)
 
 
 def rl_steps(model_dir):
@@ -157,8 +168,9 @@ def rl_steps(model_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--contenders", nargs="+", choices=("eager", "graphs", "generate"),
-                    default=["eager", "graphs", "generate"], help="decoding contenders to run (all: ~4 minutes)")
+    ap.add_argument("--contenders", nargs="+", choices=("eager", "graphs", "graphs-hf", "generate"),
+                    default=["eager", "graphs", "graphs-hf", "generate"],
+                    help="decoding contenders to run (all: ~5 minutes)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py measures CUDA decoding and training: no CUDA GPU here (CPU speed: bench/sample.py)")

@@ -1,5 +1,6 @@
 """countdown.py against LongProc's reference outputs, brute force and independent references."""
 import ast
+import itertools
 import random
 import re
 from fractions import Fraction
@@ -302,10 +303,60 @@ def test_compact_trace_is_the_same_search():
         # the same states in the same order: LongProc's "Current number set" / "Evaluate" lines
         assert [s for _, s in countdown.extract_states(long)] == [s for _, s in countdown.extract_states(compact)]
     text = countdown.search_trace([21, 16, 17, 26], 46, style="compact")
-    assert text.startswith("21+16=37 [37,17,26]\n37+17=54 [54,26]\n54+26=80|46\n54-26=28|46\n54*26=1404|46\n")
+    assert text.startswith("+-*/\n21+16=37 [37,17,26]\n37+17=54 [54,26]\n54+26=80|46\n54-26=28|46\n54*26=1404|46\n")
     assert text.endswith("26+20=46|46\n<Solution>\n21 + 16 = 37\n37 - 17 = 20\n26 + 20 = 46\n</Solution>\n")
     with pytest.raises(ValueError, match="style"):
         countdown.search_trace([1, 2], 3, style="short")
+
+
+def _first_solution_by_brute_force(nums, target, ops):
+    """The first solution a depth-first search meets when pairs go in list order (i < j, the new
+    number first in the child) and operations in the order `ops`, the larger number first: an
+    independent enumeration of the same order."""
+    if len(nums) == 1:
+        return [] if nums[0] == target else None
+    for i, j in itertools.combinations(range(len(nums)), 2):
+        big, small = max(nums[i], nums[j]), min(nums[i], nums[j])
+        rest = [x for k, x in enumerate(nums) if k not in (i, j)]
+        for op in ops:
+            value = {"+": big + small, "-": big - small, "*": big * small,
+                     "/": big // small if small and big % small == 0 else None}[op]
+            if value is None or value >= countdown.MAX_VALUE:
+                continue
+            below = _first_solution_by_brute_force([value] + rest, target, ops)
+            if below is not None:
+                return [(big, op, small, value)] + below
+    return None
+
+
+def test_each_strategy_announces_its_order_and_searches_in_it():
+    rng = random.Random(5)
+    for ops in countdown.STRATEGIES + ("*/-+",):
+        for _ in range(100):
+            p = countdown.random_problem(rng, **countdown.PRESETS["tiny"])
+            trace = countdown.search_trace(*p, style="compact", ops=ops)
+            assert trace.split("\n", 1)[0] == ops and countdown.strategy_of(trace) == ops
+            expected = _first_solution_by_brute_force(list(p.nums), p.target, ops)
+            block = "".join(f"{a} {op} {b} = {v}\n" for a, op, b, v in expected)
+            assert countdown.solution_block(trace) == "\n" + block and countdown.verify(p.nums, p.target, trace)
+    with pytest.raises(ValueError, match="order each"):
+        countdown.search_trace([1, 2], 3, style="compact", ops="++-/")
+
+
+def test_what_became_of_an_answer():
+    nums, target = (3, 4, 5, 6), 18
+    solved = countdown.search_trace(nums, target, style="compact")
+    guess = "+-*/\n4+3=7 [7,5,6]\n7+5=12 [12,6]\n12+6=18|19\n<Solution>\n4 + 3 = 7\n7 + 5 = 12\n12 + 6 = 18\n</Solution>\n"
+    assert countdown.failure(nums, target, solved, True) == "solved" and countdown.wrote_found_leaf(solved, target)
+    assert countdown.failure(nums, 19, guess, True) == "guess"  # its only leaf missed 19
+    slip = guess.replace("12+6=18|19", "12+7=19|19")  # the search claims the hit, the block is wrong
+    assert countdown.failure(nums, 19, slip, True) == "slip" and countdown.wrote_found_leaf(slip, 19)
+    assert countdown.failure(nums, target, solved[:40], False) == "out of tokens"
+    assert countdown.failure(nums, target, solved[:40], True) == "no block"
+    long = countdown.search_trace([21, 16, 17, 26], 46)
+    assert countdown.wrote_found_leaf(long, 46) and not countdown.wrote_found_leaf(long, 47)
+    # a hit written after the block does not count
+    assert not countdown.wrote_found_leaf(guess + "12+7=19|19\n", 19)
 
 
 def test_search_states_and_their_reached_values():

@@ -121,7 +121,7 @@ def test_in_training_eval_uses_the_rollout_precision(tiny, tmp_path, monkeypatch
     run = _build(tiny, tmp_path, "--bf16")
     used = []
     monkeypatch.setattr(train, "evaluate", lambda model, *a, **k: used.append(next(model.parameters()).dtype)
-                        or {"success_rate": 0.0, "solved": [0.0]})
+                        or {"success_rate": 0.0, "solved": [0.0], "texts": [""], "failure_kinds": ["no block"]})
     os.makedirs(run.args.out, exist_ok=True)
     train.heldout_success(run, [train.countdown.Problem((3, 4, 5, 6), 18)], 0)
     assert used == [torch.bfloat16]

@@ -57,8 +57,9 @@ def test_process_credit_puts_values_on_the_finishing_tokens():
     steps, mask = rewards.token_rewards([[(s.offset, s.value) for s in values[0]]], [ids], tok, len(ids) + 3)
     positions = mask[0].nonzero().squeeze(-1).tolist()
     assert len(positions) == 7 and steps[0, positions].tolist() == [1, 0, 0, 0, 0, 1, 1]
-    # by hand: the first state ends at "]" of "21+16=37 [37,17,26]", the 19th character
-    assert positions[0] == 18 and tok.pieces[ids[18]] == "]"
+    # by hand: the first state ends at "]" of "21+16=37 [37,17,26]", the 19th character after
+    # the 5 of the strategy line "+-*/\n"
+    assert positions[0] == 23 and tok.pieces[ids[23]] == "]"
     assert tok.pieces[ids[positions[-1]]] == "4"  # "46" finishes with its tens digit (written last)
 
 
@@ -154,3 +155,20 @@ def test_no_credit_is_earned_by_stopping_early_with_a_wrong_solution():
         for beta in (0.1, 0.5, 1.0):
             assert outcome[id(early)] + beta * earned(early) < outcome[id(full)] + beta * earned(full), (credit, beta)
         assert earned(early) <= earned(full), credit  # even without the outcome reward
+
+
+def test_a_guess_never_out_earns_a_search_that_goes_on():
+    """The default reward, through rl.score: a block written after a search that missed earns
+    no more than a search still going when the budget ran out; only a verified block earns."""
+    import types
+    import rl
+    import train
+    searched = TRACE.split("<Solution>")[0]
+    missed = searched.replace("26+20=46|46\n", "")  # the search without its hit
+    guess = missed + "<Solution>\n21 + 16 = 37\n37 + 17 = 54\n54 - 26 = 28\n</Solution>\n"
+    texts = [TRACE, guess, searched[:60], searched]  # solved; a guess; out of tokens; stopped without a block
+    r = rl.Rollouts(problems=[P] * 4, tokens=[[0]] * 4, texts=texts, ids=None, attention=None,
+                    response=torch.zeros(4, 3), start=0)
+    rl.score(types.SimpleNamespace(args=train.parse_args([]), terms=()), r, step=0)
+    assert r.reward.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert countdown.failure(P.nums, P.target, guess, True) == "guess"

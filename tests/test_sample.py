@@ -51,11 +51,16 @@ class _Recorder:
         monkeypatch.setattr(sample, "_draw", recording_draw)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # our 4D mask: boolean for sdpa, added for eager
-def test_cached_logits_equal_full_forward(lm, monkeypatch, attention):
+@pytest.mark.parametrize("step,attention", [("own", "sdpa"), ("model's", "sdpa"), ("model's", "eager")])
+def test_cached_logits_equal_full_forward(lm, monkeypatch, step, attention):
+    """Both decode steps: ours (sample.own_logits) and the model's forward with our 4D mask
+    (boolean for sdpa, added for eager), against the model's full forward over the whole text."""
     lm.set_attn_implementation(attention)
+    monkeypatch.setattr(sample, "OWN_STEP", step == "own")
     rec = _Recorder(monkeypatch)
+    calls = _decode_calls(monkeypatch)
     out = sample.generate(lm, PROMPTS, 12, temperature=0)
+    assert {own for *_, own in calls} == {step == "own"}  # the step asked for ran, no silent fallback
     ids, mask = sample._left_pad([p + o for p, o in zip(PROMPTS, out)], 0, "cpu")
     # right-aligning prompt+output equals the left-padded prompt followed by the outputs
     with torch.no_grad():
@@ -71,6 +76,21 @@ def test_greedy_equals_transformers_generate(lm):
     ref = lm.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert ref[:, ids.shape[1]:].tolist() == out
     assert len({tuple(o) for o in out}) == len(PROMPTS) and all(len(set(o)) > 2 for o in out)
+
+
+def test_weights_changed_in_place_reach_the_next_call(lm):
+    """Training updates the weights in place between calls: the next call must decode with the
+    new ones (our step reads q/k/v from stacked copies, refilled at each call)."""
+    sample.generate(lm, PROMPTS, 32, temperature=0)  # the decoder the next call reuses
+    decoder = sample._DECODERS[lm]
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = sample.generate(lm, PROMPTS, 16, temperature=0)
+    assert sample._DECODERS[lm] is decoder
+    ids, mask = sample._left_pad(PROMPTS, 0, "cpu")
+    ref = lm.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert ref[:, ids.shape[1]:].tolist() == out
 
 
 def test_greedy_with_eos_equals_generate_one_by_one(lm):
@@ -99,14 +119,15 @@ def test_sampling_logprobs_match_forward_of_each_sample(lm):
         assert ro.finished[k] == (eos in toks) and (eos not in toks[:-1])
 
 
-def test_batch_shrinks_and_prefill_runs_once(lm):
+def test_batch_shrinks_and_prefill_runs_once(lm, monkeypatch):
     sizes = []
     hook = lm.register_forward_pre_hook(lambda mod, args, kw: sizes.append(kw["input_ids"].shape), with_kwargs=True)
+    calls = _decode_calls(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     sample.sample(lm, PROMPTS, 40, num_samples=8, eos_token_id=3, generator=gen)
     hook.remove()
-    assert sizes[0][0] == len(PROMPTS) and sizes[0][1] == max(map(len, PROMPTS))  # one prefill, not 8
-    decode = [s[0] for s in sizes[1:]]
+    assert len(sizes) == 1 and sizes[0] == (len(PROMPTS), max(map(len, PROMPTS)))  # one prefill, not 8
+    decode = [rows for rows, *_ in calls]
     assert decode[0] == len(PROMPTS) * 8 and decode[-1] < decode[0]
     assert decode == sorted(decode, reverse=True)
 
@@ -204,59 +225,60 @@ def _eos_ending_some(lm, gens):
     raise AssertionError("no EOS id ends between 3 and 9 of the 12 samples")
 
 
-def _decode_calls(lm):
-    """Per decode step: (batch rows, mask shape, the cache's buffer addresses); a hook records them."""
+def _decode_calls(monkeypatch):
+    """Per decode step: (batch rows, attention window, the cache's buffer addresses, whether our
+    own step ran), recorded by a wrapper around sample.decode_step."""
     calls = []
+    step = sample.decode_step
 
-    def record(module, args, kw):
-        if kw.get("past_key_values") is not None:  # decode steps (the prefill has no cache yet)
-            buffers = tuple(layer.keys.data_ptr() for layer in kw["past_key_values"].layers)
-            calls.append((kw["input_ids"].shape[0], tuple(kw["attention_mask"].shape), buffers))
-    return calls, lm.register_forward_pre_hook(record, with_kwargs=True)
+    def recording_step(model, qkv, cache, token, *args):
+        calls.append((token.shape[0], cache.window, tuple(layer.keys.data_ptr() for layer in cache.layers),
+                      qkv is not None))
+        return step(model, qkv, cache, token, *args)
+    monkeypatch.setattr(sample, "decode_step", recording_step)
+    return calls
 
 
 def test_cache_keeps_its_buffers_and_rows_leave_only_at_reads(lm, monkeypatch):
     def gens():
         return [torch.Generator().manual_seed(7 + i) for i in range(len(PROMPTS))]
     eos, every_step = _eos_ending_some(lm, gens)
-    calls, hook = _decode_calls(lm)
+    calls = _decode_calls(monkeypatch)
     monkeypatch.setattr(sample, "sync_every", lambda device: 8)  # what an accelerator does
     every_8th = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens())
     later = sample.generate(lm, PROMPTS[1:], 12, temperature=0)  # a smaller call reuses the buffers
-    hook.remove()
     # one generator per prompt: when finished rows leave does not change any sample
     assert every_8th == every_step
-    assert len({buffers for _, _, buffers in calls}) == 1  # the same buffers throughout, and for the next call
+    assert len({buffers for _, _, buffers, _ in calls}) == 1  # the same buffers throughout, and for the next call
     width = max(map(len, PROMPTS))
-    batches = [rows for rows, _, _ in calls[:-12]]
-    for step, (rows, mask_shape, _) in enumerate(calls[:-12]):
-        assert mask_shape == (rows, 1, 1, width + step + 1)  # on the CPU: the live rows, the columns written
+    batches = [rows for rows, *_ in calls[:-12]]
+    for step, (rows, window, _, _) in enumerate(calls[:-12]):
+        assert window == width + step + 1  # on the CPU: the live rows, the columns written
     changes = [s for s in range(1, len(batches)) if batches[s] != batches[s - 1]]
     assert batches[0] == 12 and changes and all((s + 1) % 8 == 0 for s in changes)
     assert later == [row[:12] for row in sample.generate(lm, PROMPTS, 12, temperature=0)[1:]]
 
 
-def test_bucketed_steps_give_the_same_samples(lm):
+def test_bucketed_steps_give_the_same_samples(lm, monkeypatch):
     """What a GPU runs, on the CPU (without the graph capture): batches rounded up to a bucket
     of rows, attention over the written columns rounded up to a bucket, rows past the live ones
     computing filler, live rows packed to the front as others finish. Same samples as exact steps."""
     def gens():
         return [torch.Generator().manual_seed(11 + i) for i in range(len(PROMPTS))]
     eos, _ = _eos_ending_some(lm, gens)
-    calls, hook = _decode_calls(lm)
+    calls = _decode_calls(monkeypatch)
     exact = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens())
-    live = [rows for rows, _, _ in calls]
+    live = [rows for rows, *_ in calls]
     calls.clear()
     sample._DECODERS[lm].buckets = (4, 16)  # rows, columns
     bucketed = sample.sample(lm, PROMPTS, 30, num_samples=3, eos_token_id=eos, generator=gens())
-    hook.remove()
     assert bucketed.tokens == exact.tokens and bucketed.finished == exact.finished
     for a, b in zip(bucketed.logprobs, exact.logprobs):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
     width = max(map(len, PROMPTS))
-    assert [rows for rows, _, _ in calls] == [4 * -(-n // 4) for n in live]
-    assert any(rows > n for (rows, _, _), n in zip(calls, live))  # filler rows did run
-    assert {mask[-1] for _, mask, _ in calls} == {16, 32, width + 30}  # width + 30: all the columns there are
+    assert [rows for rows, *_ in calls] == [4 * -(-n // 4) for n in live]
+    assert any(rows > n for (rows, *_), n in zip(calls, live))  # filler rows did run
+    assert {window for _, window, _, _ in calls} == {16, 32, width + 30}  # width + 30: all the columns there are
 
 
 def test_decode_steps_read_grouped_key_value_heads_without_copies(monkeypatch):

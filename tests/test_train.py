@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import countdown
 import critic
 import train
 from model import TinyTokenizer, new_tiny_model, save_model
@@ -127,6 +128,17 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
         assert _untimed(row_a) == _untimed(row_b)
     wa, wb = _weights(out), _weights(setup / f"full-{mode}")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # what the policy wrote: the same lines, none twice, a group every 2 steps and answers at each evaluation
+    written = (out / "rollouts.jsonl").read_text()
+    assert written == (setup / f"full-{mode}" / "rollouts.jsonl").read_text()
+    rows = [json.loads(line) for line in written.splitlines()]
+    assert [(r["step"], r["kind"]) for r in rows] == [(0, "heldout"), (2, "heldout"), (2, "rollouts"),
+                                                      (4, "heldout"), (4, "rollouts")]
+    for group in (r for r in rows if r["kind"] == "rollouts"):
+        assert len(group["responses"]) == 4 and group["prompt"].startswith("Numbers: ")
+        for response in group["responses"]:
+            assert response.keys() == {"text", "reward", "terms", "verified", "length", "failure"}
+            assert response["failure"] in countdown.FAILURES and set(response["terms"]) <= set(mode.split("+"))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -137,6 +149,7 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     (["--resume"], "no intact checkpoint"),
     (["--critic-online"], "add critic to --mode"),
     (["--mode", "critic", "--critic", "scratch"], "needs --critic-online"),
+    (["--mode", "sft", "--strategies", "+-*/", "++*/"], "--strategies \\+\\+\\*/: a strategy orders each"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, argv, message):
     args = train.parse_args(["--out", str(tmp_path / "run"), *argv])
@@ -230,9 +243,8 @@ def test_a_reward_term_added_through_the_registry_reaches_rewards_and_metrics(se
     assert result.returncode == 0, result.stderr[-2000:]
     for row in _metrics(out)[1:]:
         assert 0 < row["toy/bonus_mean"] < 0.5
-        # the bonus joined each rollout's reward: reward = outcome + 0.1 x format + bonus
-        assert row["reward_mean"] == pytest.approx(row["success_rate"] + 0.1 * row["format_rate"]
-                                                   + row["toy/bonus_mean"], abs=1e-6)
+        # the bonus joined each rollout's reward: reward = outcome + bonus (no format reward by default)
+        assert row["reward_mean"] == pytest.approx(row["success_rate"] + row["toy/bonus_mean"], abs=1e-6)
 
 
 def test_every_metric_is_documented_in_readme():

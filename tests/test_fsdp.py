@@ -106,12 +106,12 @@ def test_fsdp_bf16_checkpointed_clipo_on_a_qwen_shaped_model(tmp_path):
     flags = ["train.py", "--fsdp", "--mode", "clipo", "--model", str(tmp_path / "qwen"), "--prompt", "longproc",
              "--preset", "tiny", "--bf16", "--grad-checkpointing", "--out", str(out), "--prompts-per-step", "2",
              "--group-size", "4", "--micro-batch", "4", "--max-new-tokens", "32", "--minibatches", "1",
-             "--clipo-warmup", "1", "--eval-problems", "2", "--eval-every", "2"]
-    first = _run(TORCHRUN + flags + ["--steps", "2"])
+             "--clipo-warmup", "0", "--eval-problems", "2", "--eval-every", "1"]
+    first = _run(TORCHRUN + flags + ["--steps", "1"])  # no warm-up: step 1 updates the sharded policy
     assert first.returncode == 0, first.stderr[-3000:]
     latest = checkpoint.latest_checkpoint(str(out))
     assert AutoModelForCausalLM.from_pretrained(latest).config.vocab_size == 151_936
-    again = _run(TORCHRUN + flags + ["--steps", "3", "--resume"])
+    again = _run(TORCHRUN + flags + ["--steps", "2", "--resume"])
     assert again.returncode == 0, again.stderr[-3000:]
     rows = _metrics(out)
-    assert [r["step"] for r in rows] == [0, 1, 2, 3] and "clipo/valid_frac" in rows[-1]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "clipo/valid_frac" in rows[-1]

@@ -14,7 +14,7 @@ move (FixedCache), and a step (decode_step: forward, then the next-token draw) r
 from and writes its outputs to fixed tensors. The cache column a step writes is a tensor, not a
 Python int, and attention gets a 4D mask we build (the row's prompt without its padding, its
 tokens so far), so transformers' mask builder, which reads tensors back to the host, never runs.
-Llama and Qwen2 models decode with our own forward for one token (own_logits: the model's
+Llama and Qwen2 models decode with our own forward for one token (llama_step.py: the model's
 function in a third of its CUDA kernels, whose count sets a GPU step's time); other models run
 their own forward with our cache. Either way grouped query heads attend as their key/value
 head's queries, so the cache is never repeated per query head.
@@ -31,21 +31,21 @@ EOS (any of several ids) and stop strings are checked on the host every step on 
 reading the tokens is free, and every 8 steps on an accelerator (sync_every); finished rows stay
 in the batch, their output ignored, until a check finds them a quarter of it: then the live rows
 are packed to the front of the same buffers (their written columns only) and the batch shrinks.
-Imports: torch, transformers. Nothing of ours.
+Imports: torch, transformers, llama_step.
 """
 import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
+
+import llama_step
 
 
 LEAVE_FRACTION = 0.25  # finished rows leave the batch once they are this fraction of it
 WINDOW_BUCKET = 128    # CUDA graphs: attention windows are multiples of this many columns
 BATCH_BUCKET = 8       # ... and batches multiples of this many rows (powers of two below it)
-OWN_STEP = True        # Llama and Qwen2 decode with our step (own_logits); False: the model's forward (bench/gpu.py)
-OWN_STEP_MODELS = ("llama", "qwen2")
+OWN_STEP = True        # Llama and Qwen2 decode with llama_step.logits; False: the model's forward (bench/gpu.py)
 
 
 def sync_every(device):
@@ -92,69 +92,11 @@ class FixedCache(Cache):
                 == (theirs.shape[1], theirs.shape[3], theirs.dtype, theirs.device))
 
 
-def own_step_fits(model):
-    """Whether own_logits computes this model: a Llama or Qwen2 decoder (SiLU MLPs, a rotary
-    embedding that depends on the position only). Others decode through their own forward."""
-    config = model.config
-    return (OWN_STEP and config.model_type in OWN_STEP_MODELS and config.hidden_act == "silu"
-            and model.model.rotary_emb.rope_type in ("default", "linear", "llama3"))
-
-
-def stacked_qkv(model, into=None):
-    """Each layer's q, k and v projections as one [(heads + 2 kv_heads) x dim, hidden] weight
-    (and bias): one matmul instead of three. into: the tensors of an earlier call, refilled in
-    place (the weights may have changed; CUDA graphs read these addresses)."""
-    stacked = []
-    for k, layer in enumerate(model.model.layers):
-        parts = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
-        pairs = [([p.weight for p in parts], 0)] + ([([p.bias for p in parts], 1)] if parts[0].bias is not None else [])
-        done = [torch.cat(tensors, out=into[k][i]) if into else torch.cat(tensors) for tensors, i in pairs]
-        stacked.append((done[0], done[1] if len(done) > 1 else None))
-    return stacked
-
-
-def _rms_norm(x, norm):
-    return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
-
-
-def _plus_linear(x, y, linear):
-    """x + linear(y); without a bias the residual add happens inside the matmul (one kernel)."""
-    return torch.addmm(x, y, linear.weight.t()) if linear.bias is None else x + linear(y)
-
-
-def own_logits(model, qkv, cache, token, mask, positions):
-    """The model's forward for one token per row (logits [batch, vocab]), written out for Llama
-    and Qwen2 decoders in fewer kernels than theirs, as a decode step is a chain of small kernels
-    whose count sets its time on a GPU: fused RMSNorm, q/k/v as one matmul (`qkv`), RoPE on queries
-    and keys at once in three ops, the residual added inside the output matmuls, and each key/value
-    head's query heads attending as that head's queries (grouped-query attention, no copies)."""
-    inner, config = model.model, model.config
-    rows, heads, kv_heads = token.shape[0], config.num_attention_heads, config.num_key_value_heads
-    x = inner.embed_tokens(token)                               # [rows, hidden]
-    cos, sin = inner.rotary_emb(x, positions)                   # [rows, 1, dim]
-    dim = cos.shape[-1]
-    sin = torch.cat([-sin[..., :dim // 2], sin[..., dim // 2:]], -1)  # rotate_half(x) * sin == x.roll(dim/2) * this
-    for layer, (weight, bias), kv in zip(inner.layers, qkv, cache.layers):
-        attention = layer.self_attn
-        q_k_v = F.linear(_rms_norm(x, layer.input_layernorm), weight, bias).view(rows, heads + 2 * kv_heads, dim)
-        qk = q_k_v[:, :heads + kv_heads]
-        qk = torch.addcmul(qk * cos, qk.roll(dim // 2, -1), sin)
-        keys, values = kv.keys[:rows], kv.values[:rows]
-        keys.index_copy_(2, cache.slot, qk[:, heads:, None])
-        values.index_copy_(2, cache.slot, q_k_v[:, heads + kv_heads:, None])
-        queries = qk[:, :heads].view(rows, kv_heads, heads // kv_heads, dim)
-        out = F.scaled_dot_product_attention(queries, keys[:, :, :cache.window], values[:, :, :cache.window],
-                                             attn_mask=mask, scale=attention.scaling)
-        x = _plus_linear(x, out.reshape(rows, heads * dim), attention.o_proj)
-        h, mlp = _rms_norm(x, layer.post_attention_layernorm), layer.mlp
-        x = _plus_linear(x, F.silu(mlp.gate_proj(h)) * mlp.up_proj(h), mlp.down_proj)
-    return model.lm_head(_rms_norm(x, inner.norm))
-
-
 def decode_step(model, qkv, cache, token, noise, pads, slot, temperature, top_k, top_p):
     """Feed one token per row (its keys/values go to cache column `slot`) and draw the next.
     Shapes depend on cache.batch and cache.window only, and nothing is read back to the host.
-    qkv: stacked_qkv's weights (own_logits runs the step), or None (the model's forward does)."""
+    qkv: llama_step.stacked_qkv's weights (llama_step.logits runs the step), or None (the model's
+    forward does)."""
     columns = torch.arange(cache.window, device=token.device)
     visible = (columns >= pads[:, None]) & (columns <= slot)  # the row's prompt (not its padding), tokens so far
     mask = visible[:, None, None, :]                           # 4D: [rows, heads, queries, columns], broadcast
@@ -165,7 +107,7 @@ def decode_step(model, qkv, cache, token, noise, pads, slot, temperature, top_k,
         dtype = cache.layers[0].keys.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=token.device).masked_fill(~mask, torch.finfo(dtype).min)
     if qkv is not None:
-        logits = own_logits(model, qkv, cache, token, mask, (slot - pads)[:, None])
+        logits = llama_step.logits(model, qkv, cache, token, mask, (slot - pads)[:, None])
     else:
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=(slot - pads)[:, None],
                        past_key_values=cache, use_cache=True).logits[:, -1]
@@ -187,14 +129,14 @@ class Decoder:
         self.noise = None  # [rows, vocab], allocated by the first sampling call
         self.captured, self.weights = {}, _weights_key(model)
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        self.qkv = stacked_qkv(model) if own_step_fits(model) else None
+        self.qkv = llama_step.stacked_qkv(model) if OWN_STEP and llama_step.fits(model) else None
         self.buckets = (1, 1)  # (rows, columns) of eager steps: exact (a test sets a GPU's, to check them on a CPU)
 
     def start(self, prompt_cache, repeats, pads, token):
         """Load a prefill: row i * repeats + j gets prompt i's keys/values (columns [:width]);
         refill the stacked q/k/v weights (training may have changed the model's since)."""
         if self.qkv is not None:
-            stacked_qkv(self.model, into=self.qkv)
+            llama_step.stacked_qkv(self.model, into=self.qkv)
         for fixed, layer in zip(self.cache.layers, prompt_cache.layers):
             b, h, width, d = layer.keys.shape
             capacity = fixed.keys.shape[2]

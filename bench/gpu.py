@@ -8,7 +8,7 @@ Decoding, three cases: (a) 64 prompts x 256 new tokens, (b) one 1,000-token prom
 x 128, (c) 8 prompts x G=8 x 1,024 (a GRPO step's rollouts); sampling at temperature 1, no EOS,
 so every row runs to the end. Contenders: our sampler eager (cuda_graphs=False: each step's
 kernels launched from Python), ours replaying CUDA graphs of our own decode step
-(sample.own_logits), ours replaying CUDA graphs of the model's forward (sample.OWN_STEP =
+(llama_step.logits), ours replaying CUDA graphs of the model's forward (sample.OWN_STEP =
 False), and transformers' model.generate.
 Columns: tokens/s, ms per decode step (the call's time / new tokens), the first call's seconds
 (graphs: their captures included), peak memory. Time per call: the best of the first and two

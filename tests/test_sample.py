@@ -53,7 +53,7 @@ class _Recorder:
 
 @pytest.mark.parametrize("step,attention", [("own", "sdpa"), ("model's", "sdpa"), ("model's", "eager")])
 def test_cached_logits_equal_full_forward(lm, monkeypatch, step, attention):
-    """Both decode steps: ours (sample.own_logits) and the model's forward with our 4D mask
+    """Both decode steps: ours (llama_step.logits) and the model's forward with our 4D mask
     (boolean for sdpa, added for eager), against the model's full forward over the whole text."""
     lm.set_attn_implementation(attention)
     monkeypatch.setattr(sample, "OWN_STEP", step == "own")

@@ -465,7 +465,7 @@ def plot_similarity(critic, sampler, preset, path, size=64, seed=123):
     print(f"wrote {path}")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--steps", type=int, help="train for this many steps instead of --minutes")
@@ -475,7 +475,7 @@ def main():
     ap.add_argument("--eval", metavar="PATH", help="evaluate a trained critic instead of training")
     ap.add_argument("--plot", metavar="PNG", help="also draw a batch's similarity matrix")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.eval:
         try:
             check_file(args.eval)

@@ -159,10 +159,14 @@ class StopRequest:
     A second signal more than a second later exits at once (torchrun forwards a Ctrl-C that the
     workers also got from the terminal: those two count as one)."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested_at = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *_):
+        for sig, handler in self.previous.items():  # train.main called from Python leaves its caller's handlers
+            signal.signal(sig, handler)
 
     def _handle(self, signum, _):
         if self.requested_at is not None:

@@ -200,7 +200,7 @@ def show(run_dir, responses=8):
             print("    " + answer["text"].strip().replace("\n", "\n    ") + "\n")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="a model directory or hub name; repeat for a side-by-side table")
     data = ap.add_mutually_exclusive_group()
@@ -218,7 +218,7 @@ def main():
     ap.add_argument("--plot", nargs="+", metavar="METRICS_JSONL", help="plot training curves instead")
     ap.add_argument("--show", metavar="RUN", help="print the newest rollouts and held-out answers of a run instead")
     ap.add_argument("--out", default="curves.png", help="PNG file for --plot")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.plot:
         return plot(args.plot, args.out)
     if args.show:

@@ -290,29 +290,29 @@ def train(args, rank, world, device):
         row = {"step": 0, **heldout_success(run, heldout, 0)}
         if rank == 0:
             log(row)
-    stop = StopRequest()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode, disable=rank != 0)
     step, stopping = start, False
-    for step in bar:
-        lr = learning_rate(args, step)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        torch.manual_seed(seed_for(args.seed, "torch", step, rank))
-        row = {"step": step + 1, "lr": lr, **step_fn(run, step)}
-        done = step + 1 == args.steps
-        if (step + 1) % args.eval_every == 0 or done:
-            row.update(heldout_success(run, heldout, step + 1))
-        stopping = stop.agreed(world)  # every rank stops after the same step, or none does
-        if rank == 0:
-            log(row)
-            if run.rollouts is not None and (step + 1) % args.log_rollouts_every == 0:
-                append_metrics(args.out, rl.readable_group(run, run.rollouts, step + 1), "rollouts.jsonl")
-            bar.set_postfix({k: round(row[k], 3) for k in ("loss", "reward_mean", "success_rate",
-                                                          "heldout/success_rate") if k in row})
-        if (step + 1) % args.save_every == 0 or done or stopping:
-            save(run, step + 1, finished=done)
-        if stopping:
-            break
+    with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop
+        for step in bar:
+            lr = learning_rate(args, step)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(seed_for(args.seed, "torch", step, rank))
+            row = {"step": step + 1, "lr": lr, **step_fn(run, step)}
+            done = step + 1 == args.steps
+            if (step + 1) % args.eval_every == 0 or done:
+                row.update(heldout_success(run, heldout, step + 1))
+            stopping = stop.agreed(world)  # every rank stops after the same step, or none does
+            if rank == 0:
+                log(row)
+                if run.rollouts is not None and (step + 1) % args.log_rollouts_every == 0:
+                    append_metrics(args.out, rl.readable_group(run, run.rollouts, step + 1), "rollouts.jsonl")
+                bar.set_postfix({k: round(row[k], 3) for k in ("loss", "reward_mean", "success_rate",
+                                                              "heldout/success_rate") if k in row})
+            if (step + 1) % args.save_every == 0 or done or stopping:
+                save(run, step + 1, finished=done)
+            if stopping:
+                break
     bar.close()
     if mirror:
         mirror.close()

@@ -3,18 +3,16 @@ did), never a traceback or a silently different run: resuming with other flags, 
 checkpoints, critic files, an unwritable --out, a metrics log cut mid-line."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import checkpoint
+import cli
 import critic
+import eval as evaluation
+import train
 from model import TinyTokenizer, new_tiny_model, save_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +23,9 @@ def setup(tmp_path_factory):
 
 
 def _train(setup, out, steps, *extra, mode="grpo"):
-    return subprocess.run([sys.executable, "train.py", "--mode", mode, "--model", str(setup / "model"), "--out",
-                           str(out), "--steps", str(steps), "--prompts-per-step", "2", "--group-size", "2",
-                           "--max-new-tokens", "12", "--minibatches", "1", "--eval-every", "100", "--eval-problems",
-                           "2", "--save-every", "1", "--procs", "1", *extra],
-                          capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    return cli.run(train.main, ["--mode", mode, "--model", setup / "model", "--out", out, "--steps", steps,
+                                "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 12, "--minibatches", 1,
+                                "--eval-every", 100, "--eval-problems", 2, "--save-every", 1, "--procs", 1, *extra])
 
 
 def _one_line_error(result, *fragments):
@@ -65,10 +61,8 @@ def test_a_truncated_checkpoint_is_one_line_and_resume_falls_back(setup):
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
     _one_line_error(_train(setup, setup / "other", 1, "--model", latest), "model.safetensors", "truncated")
-    evaluation = subprocess.run([sys.executable, "eval.py", "--model", latest, "--procedural", "2"],
-                                capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
-    assert evaluation.returncode != 0 and "Traceback" not in evaluation.stderr
-    assert "model.safetensors is truncated" in evaluation.stderr.strip().splitlines()[-1]
+    evaluated = cli.run(evaluation.main, ["--model", latest, "--procedural", 2])
+    assert evaluated.returncode != 0 and "model.safetensors is truncated" in evaluated.stderr.strip().splitlines()[-1]
     resumed = _train(setup, out, 4, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "model.safetensors is truncated" in resumed.stderr and "trying the previous one" in resumed.stderr
@@ -79,9 +73,7 @@ def test_an_unwritable_out_is_one_line_before_any_process_starts(setup, tmp_path
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     for procs in ("1", "2"):
-        result = _train(setup, blocker / "run", 1, "--procs", procs)
-        _one_line_error(result, "--out", "cannot write there")
-        assert "leaked semaphore" not in result.stderr
+        _one_line_error(_train(setup, blocker / "run", 1, "--procs", procs), "--out", "cannot write there")
 
 
 def test_a_partial_last_metrics_line_is_dropped_on_resume(setup):
@@ -102,9 +94,7 @@ def test_critic_files_are_checked_before_any_model_loads(setup, tmp_path):
     not_safetensors.write_text("not a critic")
     _one_line_error(_train(setup, tmp_path / "b", 1, "--critic", str(not_safetensors), mode="critic"), "--critic")
     for path in (tmp_path / "nope.safetensors", not_safetensors):
-        result = subprocess.run([sys.executable, "critic.py", "--eval", str(path)], capture_output=True, text=True,
-                                timeout=300, env=ENV, cwd=ROOT)
-        _one_line_error(result, str(path))
+        _one_line_error(cli.run(critic.main, ["--eval", path]), str(path))
     torch.manual_seed(0)
     critic.save(critic.Critic(), str(tmp_path / "good.safetensors"))
     assert _train(setup, tmp_path / "c", 1, "--critic", str(tmp_path / "good.safetensors"), mode="critic").returncode == 0

@@ -1,17 +1,14 @@
 """eval.py: metric arithmetic on planted completions, the command line's errors, the plot."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+import cli
 import countdown
 import eval as evaluation
 from model import TinyTokenizer, new_tiny_model, save_model
 from sample import Rollouts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBLEMS = [countdown.Problem((21, 16, 17, 26), 46), countdown.Problem((7, 3, 12, 25), 50)]
 
 
@@ -34,7 +31,7 @@ def test_metrics_on_planted_completions(monkeypatch):
 
 
 def _eval(*argv):
-    return subprocess.run([sys.executable, "eval.py", *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return cli.run(evaluation.main, argv)
 
 
 def test_command_line_errors_are_clear(tmp_path):

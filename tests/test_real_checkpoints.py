@@ -14,7 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import checkpoint
+import cli
 import distributed
+import eval as evaluation
 import model as models
 import rl
 import train
@@ -51,8 +53,7 @@ def test_hub_names_reach_transformers_and_fail_in_one_line(tmp_path):
     for path in ("./nothing/here", "/no/such/dir", "~/no-such-model-dir"):
         with pytest.raises(ValueError, match="no model at"):
             models.check_model_path(path)
-    result = subprocess.run([sys.executable, "eval.py", "--model", "Qwen/Qwen2.5-1.5B-Instruct", "--procedural", "2"],
-                            capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    result = cli.run(evaluation.main, ["--model", "Qwen/Qwen2.5-1.5B-Instruct", "--procedural", 2])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load the model of Qwen/")
 
@@ -143,9 +144,7 @@ def test_resume_state_is_loaded_to_the_cpu(tmp_path, monkeypatch):
 # 6. eval.py precision ----------------------------------------------------------------------
 
 def test_eval_runs_bf16_weights_on_request(tiny):
-    result = subprocess.run([sys.executable, "eval.py", "--model", str(tiny / "model"), "--procedural", "2",
-                             "--max-new-tokens", "8", "--bf16"], capture_output=True, text=True, cwd=ROOT, env=ENV,
-                            timeout=300)
+    result = cli.run(evaluation.main, ["--model", tiny / "model", "--procedural", 2, "--max-new-tokens", 8, "--bf16"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch.bfloat16 on cpu" in result.stdout
 
@@ -174,8 +173,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_which_save_and_resume(tiny, tmp_pa
     stopped = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert 2 <= stopped < 50
     assert checkpoint.load_state(checkpoint.latest_checkpoint(str(out)))["step"] == stopped
-    again = subprocess.run([sys.executable, *flags(stopped + 1), "--procs", "1", "--resume"], cwd=ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=300)
+    again = cli.run(train.main, [*flags(stopped + 1)[1:], "--procs", 1, "--resume"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(stopped + 2))
 

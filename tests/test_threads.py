@@ -1,7 +1,7 @@
 """Threads on the CPU: the user's OMP_NUM_THREADS wins in every phase of train.py (rollouts,
 training passes, held-out evaluation), eval.py and critic.py; without it, train.py and
 critic.py use this machine's cores (shared among train.py's processes) and eval.py torch's default.
-Each program runs in a fresh process whose phases are spied on: the spy records
+The programs run in a fresh process whose phases are spied on: the spy records
 torch.get_num_threads() whenever a phase's function is called."""
 import json
 import os
@@ -30,11 +30,16 @@ def spy(module, name):
 for module, name in ((rl, "sample"), (evaluation, "sample"), (grpo, "sequence_logprobs"), (critic, "fit_batch"),
                      (critic, "evaluate")):
     spy(module, name)
-program, out, *argv = sys.argv[1:]
-sys.argv = [program, *argv]
-{{"train": lambda: train.main(argv), "eval": evaluation.main, "critic": critic.main}}[program]()
+out, programs = sys.argv[1], json.loads(sys.argv[2])
+mains = {{"train": train.main, "eval": evaluation.main, "critic": critic.main}}
+threads, fresh = {{}}, torch.get_num_threads()  # what torch chose when this process started
+for program, argv in programs:  # each from a fresh process's thread count, with the threads its phases saw
+    torch.set_num_threads(fresh)
+    seen.clear()
+    mains[program](argv)
+    threads[program] = sorted(seen)
 with open(out, "w") as f:
-    json.dump(sorted(seen), f)
+    json.dump(threads, f)
 """
 
 
@@ -46,25 +51,25 @@ def setup(tmp_path_factory):
     return root
 
 
-def _threads_seen(setup, program, omp, *argv):
+def _threads_seen(setup, omp):
+    """{program: thread counts its phases saw} for eval.py, critic.py and train.py, run one after
+    the other in one new process, each starting from the thread count torch chose at its start. The
+    RL step of train.py: held-out evaluation, rollouts, the old pass and the update (the warm
+    start runs in the same process after the same cpu_threads call, its passes through the same
+    grpo.sequence_logprobs)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if omp:
         env["OMP_NUM_THREADS"] = omp
-    out = setup / f"{program}-{omp}-{len(os.listdir(setup))}.json"
-    result = subprocess.run([sys.executable, str(setup / "spy.py"), program, str(out), *argv], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    programs = [("eval", ["--model", str(setup / "model"), "--procedural", "2", "--max-new-tokens", "8"]),
+                ("critic", ["--steps", "2", "--out", str(setup / f"critic-{omp}.safetensors")]),
+                ("train", ["--mode", "grpo", "--model", str(setup / "model"), "--out", str(setup / f"run-{omp}"),
+                           "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
+                           "--minibatches", "1", "--eval-problems", "2", "--procs", "1"])]
+    out = setup / f"threads-{omp}.json"
+    result = subprocess.run([sys.executable, str(setup / "spy.py"), str(out), json.dumps(programs)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(out.read_text())
-
-
-def _train(setup, omp):
-    """An RL step: held-out evaluation, rollouts, the old pass and the update (the warm start
-    runs in the same process after the same cpu_threads call, its passes through the same
-    grpo.sequence_logprobs)."""
-    return set(_threads_seen(setup, "train", omp, "--mode", "grpo", "--model", str(setup / "model"), "--out",
-                             str(setup / f"run-{omp}"), "--steps", "1", "--prompts-per-step", "2", "--group-size",
-                             "2", "--max-new-tokens", "8", "--minibatches", "1", "--eval-problems", "2",
-                             "--procs", "1"))
 
 
 def _torch_default():
@@ -74,15 +79,9 @@ def _torch_default():
 
 
 def test_omp_num_threads_wins_in_every_phase(setup):
-    assert _train(setup, "1") == {1}
-    assert _threads_seen(setup, "eval", "1", "--model", str(setup / "model"), "--procedural", "2",
-                         "--max-new-tokens", "8") == [1]
-    assert _threads_seen(setup, "critic", "1", "--steps", "2", "--out", str(setup / "critic.safetensors")) == [1]
+    assert _threads_seen(setup, "1") == {"eval": [1], "critic": [1], "train": [1]}
 
 
 def test_without_it_the_documented_defaults(setup):
-    cores = os.cpu_count()
-    assert _train(setup, None) == {cores}  # one process: every core
-    assert _threads_seen(setup, "critic", None, "--steps", "2", "--out", str(setup / "critic.safetensors")) == [cores]
-    assert _threads_seen(setup, "eval", None, "--model", str(setup / "model"), "--procedural", "2",
-                         "--max-new-tokens", "8") == [_torch_default()]
+    cores = os.cpu_count()  # one process: every core
+    assert _threads_seen(setup, None) == {"eval": [_torch_default()], "critic": [cores], "train": [cores]}

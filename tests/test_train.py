@@ -12,8 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import cli
 import countdown
 import critic
+import pseudo_outcome
+import rewards
 import train
 from model import TinyTokenizer, new_tiny_model, save_model
 
@@ -49,6 +52,11 @@ def _metrics(out):
         return [json.loads(line) for line in f]
 
 
+def _in_process(setup, out, steps, *extra, mode="grpo"):
+    """A train.py run in this process (tests/cli.py), with the runner's pseudo-random outcome."""
+    return cli.run(train.main, _args(setup, out, steps, *extra, mode=mode)[1:], outcome=pseudo_outcome.verify)
+
+
 def _untimed(row):
     return {k: v for k, v in row.items() if k not in TIMING}
 
@@ -64,7 +72,7 @@ def _weights(out):
 def _single(setup):
     """The 2-step single-process run that several tests compare against (run once per module)."""
     if not (setup / "single" / "metrics.jsonl").exists():
-        single = _run([sys.executable] + _args(setup, setup / "single", 2))
+        single = _in_process(setup, setup / "single", 2)
         assert single.returncode == 0, single.stderr[-2000:]
     return setup / "single"
 
@@ -99,7 +107,7 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     """For clipo, the head and its optimizer must come back too (their bonus feeds the rewards);
     for the online critic, its weights, optimizer and pool (tests/test_critic.py checks those
     on rows a random policy does not write)."""
-    full = _run([sys.executable] + _args(setup, setup / f"full-{mode}", 4, *extra, mode=mode))
+    full = _in_process(setup, setup / f"full-{mode}", 4, *extra, mode=mode)
     assert full.returncode == 0, full.stderr[-2000:]
     out = setup / f"stopped-{mode}"
     proc = subprocess.Popen([sys.executable] + _args(setup, out, 4, *extra, mode=mode), cwd=ROOT, stdout=subprocess.PIPE,
@@ -116,7 +124,7 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     state = torch.load(os.path.join(_latest(out), "trainer_state.pt"), weights_only=True)
     modules = {"clipo": {"clipo"}, "critic": {"critic", "critic_online"}}
     assert state["step"] == stopped_at and set(state["modules"]) == set().union(*(modules.get(m, set()) for m in mode.split("+")))
-    again = _run([sys.executable] + _args(setup, out, 4, *extra, "--resume", mode=mode))
+    again = _in_process(setup, out, 4, *extra, "--resume", mode=mode)
     assert again.returncode == 0, again.stderr[-2000:]
     resumed, reference = _metrics(out), _metrics(setup / f"full-{mode}")
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
@@ -191,9 +199,9 @@ def test_real_model_path_with_chat_template(tmp_path):
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                                  pad_token_id=0, eos_token_id=1)).save_pretrained(tmp_path / "llm")
     out = tmp_path / "run"
-    result = _run([sys.executable, "train.py", "--mode", "grpo", "--model", str(tmp_path / "llm"), "--prompt",
-                   "longproc", "--out", str(out), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
-                   "--max-new-tokens", "8", "--minibatches", "1", "--eval-problems", "2", "--procs", "1"])
+    result = cli.run(train.main, ["--mode", "grpo", "--model", tmp_path / "llm", "--prompt", "longproc", "--out", out,
+                                  "--steps", 1, "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 8,
+                                  "--minibatches", 1, "--eval-problems", 2, "--procs", 1])
     assert result.returncode == 0, result.stderr[-2000:]
     row = _metrics(out)[1]
     assert row["response_length_max"] == 8 and row["success_rate"] == 0
@@ -207,8 +215,7 @@ def test_real_model_path_with_chat_template(tmp_path):
 def test_micro_batches_change_nothing_but_speed(setup):
     """Gradient accumulation over length-sorted micro-batches equals one forward per minibatch."""
     for size in ("1", "64"):
-        result = _run([sys.executable] + _args(setup, setup / f"micro{size}", 2, "--micro-batch", size,
-                                               "--agg", "seq-mean-token-mean"))
+        result = _in_process(setup, setup / f"micro{size}", 2, "--micro-batch", size, "--agg", "seq-mean-token-mean")
         assert result.returncode == 0, result.stderr[-2000:]
     a, b = _metrics(setup / "micro1"), _metrics(setup / "micro64")
     for row_a, row_b in zip(a, b):
@@ -218,28 +225,16 @@ def test_micro_batches_change_nothing_but_speed(setup):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-TOY_TERM = f"""
-import sys, zlib
-sys.path.insert(0, {ROOT!r})
-import torch
-import countdown, rewards, train
-countdown.verify = lambda nums, target, text: zlib.crc32(text.encode()) % 3 == 0
+def test_a_reward_term_added_through_the_registry_reaches_rewards_and_metrics(setup, monkeypatch):
+    monkeypatch.setattr(rewards, "REWARD_TERMS", dict(rewards.REWARD_TERMS))  # the toy term leaves with this test
 
-@rewards.reward_term("toy", {{"bonus_mean": "0.5 for a rollout of even length, averaged"}})
-def toy(run, rollouts, step):
-    bonus = torch.tensor([0.5 * (len(t) % 2 == 0) for t in rollouts.tokens])
-    return bonus, None, {{"bonus_mean": bonus.mean().item()}}
-
-if __name__ == "__main__":
-    assert train.metric_docs()["toy/bonus_mean"].startswith("0.5 for")
-    train.main(sys.argv[1:])
-"""
-
-
-def test_a_reward_term_added_through_the_registry_reaches_rewards_and_metrics(setup):
-    (setup / "toy_runner.py").write_text(TOY_TERM)
+    @rewards.reward_term("toy", {"bonus_mean": "0.5 for a rollout of even length, averaged"})
+    def toy(run, rollouts, step):
+        bonus = torch.tensor([0.5 * (len(t) % 2 == 0) for t in rollouts.tokens])
+        return bonus, None, {"bonus_mean": bonus.mean().item()}
+    assert train.metric_docs()["toy/bonus_mean"].startswith("0.5 for") and "toy" in train.modes()
     out = setup / "toy"
-    result = _run([sys.executable, str(setup / "toy_runner.py")] + _args(setup, out, 2, mode="toy")[1:])
+    result = _in_process(setup, out, 2, mode="toy")
     assert result.returncode == 0, result.stderr[-2000:]
     for row in _metrics(out)[1:]:
         assert 0 < row["toy/bonus_mean"] < 0.5
@@ -269,7 +264,7 @@ def test_dynamic_sampling_keeps_groups_with_signal_first_in_drawn_order():
 
 
 def test_oversampled_run_trains_on_fewer_flat_groups(setup):
-    result = _run([sys.executable] + _args(setup, setup / "oversampled", 2, "--oversample", "1.0"))
+    result = _in_process(setup, setup / "oversampled", 2, "--oversample", "1.0")
     assert result.returncode == 0, result.stderr[-2000:]
     for row in _metrics(setup / "oversampled")[1:]:
         assert row["zero_adv_frac"] <= row["sampled_zero_adv_frac"]
@@ -279,7 +274,9 @@ COMPILED = f"""
 import functools, sys
 sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
 import torch
-import pseudo_outcome, train
+import pseudo_outcome  # first: it puts the project on sys.path
+import countdown, train
+countdown.verify = pseudo_outcome.verify
 # dynamo and AOTAutograd trace the forward and backward as inductor would get them; inductor's own
 # C++ code generation would add minutes on 2 cores (README: the same run with inductor, by hand)
 torch.compile = functools.partial(torch.compile, backend="aot_eager")

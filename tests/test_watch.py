@@ -2,26 +2,23 @@
 metrics.jsonl (also across a resume), and a missing logger package as one line before any model
 loads. (tests/test_train.py checks rollouts.jsonl's rows and fields across a Ctrl-C and resume.)"""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+import cli
+import eval as evaluation
+import pseudo_outcome
 import train
 from model import TinyTokenizer, new_tiny_model, save_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(ROOT, "tests", "pseudo_outcome.py")  # train.py with a pseudo-random outcome
-
 
 def _train(model, out, steps, *extra):
-    return subprocess.run([sys.executable, RUNNER, "--mode", "grpo", "--model", str(model), "--out", str(out),
-                           "--steps", str(steps), "--prompts-per-step", "2", "--group-size", "4",
-                           "--max-new-tokens", "24", "--minibatches", "1", "--eval-every", "2", "--eval-problems", "4",
-                           "--lr", "1e-3", "--seed", "3", "--procs", "1", *extra], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """train.py with a pseudo-random outcome, in this process (tests/cli.py)."""
+    return cli.run(train.main, ["--mode", "grpo", "--model", model, "--out", out, "--steps", steps,
+                                "--prompts-per-step", 2, "--group-size", 4, "--max-new-tokens", 24, "--minibatches", 1,
+                                "--eval-every", 2, "--eval-problems", 4, "--lr", "1e-3", "--seed", 3, "--procs", 1,
+                                *extra], outcome=pseudo_outcome.verify)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +50,7 @@ def test_tensorboard_scalars_equal_metrics_and_a_resume_continues_them(model, tm
 def test_show_prints_the_newest_rollouts_and_answers_readably(model, tmp_path):
     out = tmp_path / "run"
     assert _train(model, out, 2).returncode == 0
-    shown = subprocess.run([sys.executable, "eval.py", "--show", str(out)], capture_output=True, text=True, cwd=ROOT,
-                           timeout=120)
+    shown = cli.run(evaluation.main, ["--show", out])
     assert shown.returncode == 0, shown.stderr
     rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     group = rows[-1] if rows[-1]["kind"] == "rollouts" else rows[-2]
@@ -62,8 +58,7 @@ def test_show_prints_the_newest_rollouts_and_answers_readably(model, tmp_path):
     assert shown.stdout.count("reward ") == 4 and "step 2: greedy held-out answers" in shown.stdout
     first = group["responses"][0]["text"].strip().splitlines()[0]
     assert "    " + first in shown.stdout
-    missing = subprocess.run([sys.executable, "eval.py", "--show", str(tmp_path)], capture_output=True, text=True,
-                             cwd=ROOT, timeout=120)
+    missing = cli.run(evaluation.main, ["--show", tmp_path])
     assert missing.returncode != 0 and missing.stderr.strip().startswith("error: ") and "Traceback" not in missing.stderr
 
 

@@ -211,7 +211,40 @@ def trace_tokens(trace):
     dependency of ours; 0.36 tokens per character matches that field within 16 tokens on all
     200 problems of the 0.5k split (checked in tests).
     """
-    return round(0.36 * len(trace))
+    return round(TOKENS_PER_CHARACTER * len(trace))
+
+
+TOKENS_PER_CHARACTER = 0.36
+SHORTEST_LINE = 50  # characters of a search line, newline in: ` |- Try 0 + 0 = 0. Evaluate 0 == 0, target found!`
+
+
+class _Overlong(Exception):
+    pass
+
+
+class _StepBudget(list):
+    """A search's steps, stopped (_Overlong) at the first one past `most`."""
+
+    def __init__(self, most):
+        super().__init__()
+        self.most = most
+
+    def append(self, step):
+        if len(self) == self.most:
+            raise _Overlong
+        super().append(step)
+
+
+def solved_within(nums, target, most):
+    """Whether the LongProc search reaches `target` before its trace could pass `most` tokens. It
+    stops once it has written more lines than that many tokens hold (each at least SHORTEST_LINE
+    characters), before any text is built: a problem drawn under a token bound is solvable with a
+    trace this short or rejected, so most rejections cost a few dozen steps (random_problem)."""
+    try:
+        lines = int((most + 0.5) / (TOKENS_PER_CHARACTER * SHORTEST_LINE))  # more lines: more than `most` tokens
+        return _search(list(nums), target, 0, _StepBudget(lines), [])
+    except _Overlong:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,10 +504,14 @@ def random_problem(rng, n=4, num_range=NUM_RANGE, target_range=TARGET_RANGE, tok
     for _ in range(100_000):
         nums = tuple(rng.randint(*num_range) for _ in range(n))
         target = rng.randint(*target_range)
-        if problem_key(nums, target) in exclude or not solvable(nums, target):
+        if problem_key(nums, target) in exclude:
             continue
-        if tokens is None or tokens[0] <= trace_tokens(search_trace(nums, target)) <= tokens[1]:
-            return Problem(nums, target)
+        if tokens is None:
+            if solvable(nums, target):
+                return Problem(nums, target)
+        elif solved_within(nums, target, tokens[1]):  # False: unsolvable or over the bound, found sooner
+            if tokens[0] <= trace_tokens(search_trace(nums, target)) <= tokens[1]:
+                return Problem(nums, target)
     raise ValueError(f"no solvable problem with n={n}, numbers {num_range}, targets {target_range}, tokens {tokens}")
 
 
@@ -494,7 +531,7 @@ def heldout_problems(n, preset="tiny"):
     return list(_heldout_stream(n, preset))
 
 
-@functools.lru_cache(maxsize=None)  # a run asks twice (what it evaluates, what it never trains on): 8 s each for longproc
+@functools.lru_cache(maxsize=None)  # a run asks twice (what it evaluates, what it never trains on)
 def _heldout_stream(n, preset):
     rng = random.Random(HELDOUT_SEED)
     return tuple(random_problem(rng, **PRESETS[preset]) for _ in range(n))

@@ -401,6 +401,31 @@ def test_random_problem_distribution_determinism_and_exclusion(longproc):
         assert countdown.problem_key(*p) not in exclude
 
 
+def _drawn_slowly(rng, n, num_range, target_range, tokens):
+    """random_problem by its definition: every candidate searched and written out in full."""
+    while True:
+        nums, target = tuple(rng.randint(*num_range) for _ in range(n)), rng.randint(*target_range)
+        if countdown.solvable(nums, target):
+            if tokens[0] <= countdown.trace_tokens(countdown.search_trace(nums, target)) <= tokens[1]:
+                return countdown.Problem(nums, target)
+
+
+@pytest.mark.parametrize("preset,tokens", [("tiny", None), ("longproc", None), ("longproc", (1080, 2050)),
+                                           ("tiny", (0, 330))])
+def test_drawing_under_a_token_bound_stops_searches_early_and_draws_the_same_problems(preset, tokens):
+    """solved_within stops a search whose lines alone pass the bound: the draws must be those
+    of the definition, candidate for candidate (the held-out streams and every run's problems)."""
+    kwargs = {**countdown.PRESETS[preset], **({"tokens": tokens} if tokens else {})}
+    fast, slow = random.Random(11), random.Random(11)
+    for _ in range(25):
+        assert countdown.random_problem(fast, **kwargs) == _drawn_slowly(slow, **kwargs)
+    # its premise: no line of a search log is shorter than SHORTEST_LINE characters with its newline
+    for nums, target in ((p.nums, p.target) for p in countdown.heldout_problems(200, preset)):
+        trace = countdown.search_trace(nums, target)
+        log = trace.split("<Search Procedure>\n")[1].split("\n</Search Procedure>")[0].splitlines()[1:]
+        assert min(len(line) + 1 for line in log) >= countdown.SHORTEST_LINE
+
+
 def test_never_train_on_covers_longproc_and_the_held_out_stream(longproc):
     test_split = {countdown.problem_key(x["nums"], x["target"]) for x in longproc}
     assert len(test_split) > 150

@@ -101,8 +101,7 @@ def test_fsdp_resume_after_sigterm_is_exact(setup):
 def test_fsdp_bf16_checkpointed_clipo_on_a_qwen_shaped_model(tmp_path):
     save_qwen_like(tmp_path / "qwen")
     out = tmp_path / "run"
-    # --preset tiny: the LongProc preset's held-out stream takes each process ~30 s to draw on 2 cores,
-    # and test_real_checkpoints.py runs the README command with it
+    # --preset tiny: test_real_checkpoints.py runs the README command with the LongProc preset
     flags = ["train.py", "--fsdp", "--mode", "clipo", "--model", str(tmp_path / "qwen"), "--prompt", "longproc",
              "--preset", "tiny", "--bf16", "--grad-checkpointing", "--out", str(out), "--prompts-per-step", "2",
              "--group-size", "4", "--micro-batch", "4", "--max-new-tokens", "32", "--minibatches", "1",

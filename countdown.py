@@ -20,10 +20,7 @@ from typing import NamedTuple
 
 MAX_VALUE = 2000  # results must stay below this (LongProc's "maximum intermediate result")
 OPS = "+-*/"  # the order in which LongProc's search tries operations
-# The operation orders the built-in tiny model's demonstrations follow, one per trace, announced
-# in the trace's first line (README, "The testbed"): under the default budget each fits about
-# half of the problems, and a choice per problem between them fits 70%
-STRATEGIES = ("+-*/", "+*/-")
+NO_SOLUTION = "No solution found."  # how a written search that found nothing ends (skipping demonstrations)
 
 
 class Problem(NamedTuple):
@@ -56,7 +53,7 @@ def whole_result(a, b, op):
 class Step(NamedTuple):
     """One event of the search. kind: "pick" (a pair is chosen; a, b in list order) or "try"
     (big op small; outcome "invalid" (x / 0), "decimal", "exceeds", "miss", "found" or "state",
-    child = new set)."""
+    child = new set; or "skipped": a legal move the search passed over, written by neither style)."""
     kind: str
     depth: int
     a: int
@@ -67,13 +64,14 @@ class Step(NamedTuple):
     child: tuple = ()
 
 
-def _search(nums, target, depth, steps, path, ops=OPS):
+def _search(nums, target, depth, steps, path, ops=OPS, skip=None):
     """Depth-first search below the state `nums`, whose own line sits at indent `depth`, trying
     the operations on a pair in the order `ops`.
 
     Appends Steps; on success leaves the winning (big, op, small, value) in `path` and returns
     True. A state of more than two numbers picks pairs first; a state of two numbers tries the
-    operations on its only pair directly.
+    operations on its only pair directly. skip: None, or a function called once per legal move,
+    before the move's outcome is looked at; True passes the move over (no line, no subtree).
     """
     n = len(nums)
     for i in range(n):
@@ -95,6 +93,9 @@ def _search(nums, target, depth, steps, path, ops=OPS):
                 if value >= MAX_VALUE:  # larger number first: results are never negative
                     steps.append(Step("try", try_depth, big, small, op, value, "exceeds"))
                     continue
+                if skip is not None and skip():  # drawn before the outcome is known: blind to the target
+                    steps.append(Step("try", try_depth, big, small, op, value, "skipped", (value,) + rest))
+                    continue
                 path.append((big, op, small, value))
                 if not rest:
                     found = value == target
@@ -104,7 +105,7 @@ def _search(nums, target, depth, steps, path, ops=OPS):
                 else:
                     child = (value,) + rest
                     steps.append(Step("try", try_depth, big, small, op, value, "state", child))
-                    if _search(child, target, try_depth, steps, path, ops):
+                    if _search(child, target, try_depth, steps, path, ops, skip):
                         return True
                 path.pop()
     return False
@@ -151,7 +152,7 @@ def _compact_line(step, target):
 STYLES = ("longproc", "compact")
 
 
-def search_trace(nums, target, style="longproc", ops=OPS):
+def search_trace(nums, target, style="longproc", ops=OPS, skip=0.0, rng=None):
     """The written search for a problem, or None when it has no solution.
 
     "longproc": LongProc's demonstration (search log, trace-back, <Solution>), byte for byte.
@@ -161,6 +162,10 @@ def search_trace(nums, target, style="longproc", ops=OPS):
     decimals, results past the maximum) get no line there, as they lead to no set. ~7x
     shorter: the format the built-in tiny model learns.
     ops: the order in which every node tries + - * / (LongProc's is OPS).
+    skip: each legal move (a line that leads to a set, leaves included) is passed over, with its
+    subtree, with this probability, drawn from `rng` (a random.Random) one move at a time before
+    its outcome is looked at: the noise never depends on where the solution is. A search that
+    passes over every solution writes what it searched, then NO_SOLUTION, and no <Solution>.
     """
     nums = list(nums)
     if len(nums) < 2:
@@ -169,18 +174,25 @@ def search_trace(nums, target, style="longproc", ops=OPS):
         raise ValueError(f"unknown trace style {style!r}: expected one of {STYLES}")
     if sorted(ops) != sorted(OPS):
         raise ValueError(f"ops {ops!r} must order each of {OPS} once")
+    if skip and rng is None:
+        raise ValueError("skip > 0 needs rng=, a random.Random to draw the skips from")
     steps, path = [], []
-    if not _search(nums, target, 0, steps, path, ops):
+    found = _search(nums, target, 0, steps, path, ops, (lambda: rng.random() < skip) if skip else None)
+    if not found and not (skip and solvable(nums, target)):
         return None
+    written = [s for s in steps if s.outcome != "skipped"]
     if style == "compact":
-        lines = [ops] + [_compact_line(s, target) for s in steps if s.kind == "try" and s.child]
-        return "\n".join(lines) + "\n<Solution>\n" + "".join(f"{a} {op} {b} = {v}\n" for a, op, b, v in path) + "</Solution>\n"
+        lines = [ops] + [_compact_line(s, target) for s in written if s.kind == "try" and s.child]
+        end = "<Solution>\n" + "".join(f"{a} {op} {b} = {v}\n" for a, op, b, v in path) + "</Solution>"
+        return "\n".join(lines) + "\n" + (end if found else NO_SOLUTION) + "\n"
+    lines = [f"Initial number set: {_state_text(nums, target)}"] + [_longproc_line(s, target) for s in written]
+    search = "<Search Procedure>\n" + "\n".join(lines) + "\n</Search Procedure>\n\n"
+    if not found:
+        return search + NO_SOLUTION + "\n"
     equations = [f"{a} {op} {b} = {v}" for a, op, b, v in path]
     names = ["Final step"] + ["The step before"] * (len(path) - 2) + ["The first step"] * (len(path) > 1)
     traceback = [f"{name}: {eq}" for name, eq in zip(names, reversed(equations))]
-    lines = [f"Initial number set: {_state_text(nums, target)}"] + [_longproc_line(s, target) for s in steps]
-    return ("<Search Procedure>\n" + "\n".join(lines) + "\n</Search Procedure>\n\n"
-            "Now we have found the target, let's trace back the solution:\n" + "\n".join(traceback) + "\n\n"
+    return (search + "Now we have found the target, let's trace back the solution:\n" + "\n".join(traceback) + "\n\n"
             "Output the solution in the required format:\n<Solution>\n" + "\n".join(equations) + "\n</Solution>\n")
 
 
@@ -424,68 +436,6 @@ def verify_expression(nums, target, text):
         return False
     value = _evaluate(tokens)
     return value is not None and value == target
-
-
-# ---------------------------------------------------------------------------------------------
-# What became of an answer
-
-_FOUND_LEAF = re.compile(r"^[0-9]{1,6}[-+*/][0-9]{1,6}=([0-9]{1,6})\|[0-9]{1,6}$"
-                         r"|Evaluate ([0-9]{1,6}) == [0-9]{1,6}, target found!", re.ASCII | re.MULTILINE)
-FAILURES = ("solved", "out of tokens", "no block", "guess", "slip")
-
-
-def wrote_found_leaf(completion, target):
-    """Whether the search written before the first <Solution> has a leaf whose value is the
-    target (compact `38+8=46|46`, or LongProc's `Evaluate 46 == 46, target found!`)."""
-    head = completion.split("<Solution>", 1)[0]
-    return any(int(m[1] or m[2]) == target for m in _FOUND_LEAF.finditer(head))
-
-
-def failure(nums, target, completion, finished):
-    """What became of an answer, one of FAILURES: solved; out of tokens (the budget ended it);
-    no block (it stopped without a parsable <Solution>); guess (a block after a search that
-    never hit the target: a stop at a miss, or no search at all); slip (the search hit the
-    target, and the block is wrong anyway). `finished`: it stopped by itself (EOS, stop string)."""
-    if verify(nums, target, completion):
-        return "solved"
-    if not finished:
-        return "out of tokens"
-    if not solution_format_ok(completion, len(nums)):
-        return "no block"
-    return "slip" if wrote_found_leaf(completion, target) else "guess"
-
-
-def strategy_of(completion):
-    """The operation order a compact trace announces in its first line, or None."""
-    first = completion.split("\n", 1)[0].strip()
-    return first if sorted(first) == sorted(OPS) else None
-
-
-# ---------------------------------------------------------------------------------------------
-# What a model wrote: the states it reached
-
-_NUMBER_LIST = r"\[\s*([0-9]{1,6}(?:\s*,\s*[0-9]{1,6})*)\s*\]"
-_STATE = re.compile(rf"(?:Current number set: |=[0-9]{{1,6}} ){_NUMBER_LIST}|Evaluate ([0-9]{{1,6}})\b"
-                    r"|^[0-9]{1,6}[-+*/][0-9]{1,6}=([0-9]{1,6})\|", re.ASCII | re.MULTILINE)
-
-
-def extract_states(completion):
-    """[(offset, numbers)] for every state the completion reaches, in order of writing.
-
-    A state is a `Current number set: [...]` or a leaf result (`Evaluate X ...`, the set [X])
-    in the LongProc style; in the compact style, the set after `=X ` (`21+16=37 [37,17,26]`)
-    or the result of a leaf line (`54+26=80|46`, the set [80]);
-    `offset` is the index of the state's last character (the `]`, or X's last digit), so a
-    reward placed there credits every token that wrote it. What does not parse is skipped.
-    """
-    states = []
-    for m in _STATE.finditer(completion):
-        if m[1] is not None:
-            states.append((m.end() - 1, [int(x) for x in m[1].split(",")]))
-        else:
-            leaf = 2 if m[2] is not None else 3
-            states.append((m.end(leaf) - 1, [int(m[leaf])]))
-    return states
 
 
 # ---------------------------------------------------------------------------------------------

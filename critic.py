@@ -375,7 +375,7 @@ ONLINE_MIN_ROWS = 64    # no update before the pool holds a batch worth learning
 def written_rows(nums, target, states):
     """Hindsight rows (state, reached, target) of one search a policy wrote, no oracle involved.
 
-    states: the number sets it writes, in order (countdown.extract_states). A state's parent is
+    states: the number sets it writes, in order (answers.extract_states). A state's parent is
     the latest open state with one more number (the problem's numbers above the first move); a
     written state closes every open state of its size or smaller (the search came back up). A
     state that is not one legal move from its parent (a slip in the arithmetic or the

@@ -11,8 +11,10 @@
 Per model: success rate (pass@1, the mean over all samples), pass@k (k = --samples: a problem
 counts when any sample solves it), format-error rate (no parsable <Solution> block), mean
 response length in tokens, sampled tokens/s, and what became of the failed answers
-(countdown.failure: out of tokens, no block, guess, slip). The built-in tiny model gets the bare prompt and
-writes the compact trace; other models get the "longproc" prompt through their chat template.
+(answers.failure: out of tokens, no block, guess, slip), what the searches wrote (the mean per
+answer of answers.SEARCH_COUNTS: moves, leaf misses, dead 2-number states, process errors, moves
+passed over to dead ends and to live states) and the share of answers solved with a process
+error. The built-in tiny model gets the bare prompt and writes the compact trace; other models get the "longproc" prompt through their chat template.
 `evaluate()` is what train.py calls for its periodic held-out evaluation. On a GPU the model is
 loaded there in bf16 (`--fp32` to keep fp32); on CPU in fp32 (`--bf16` to use bf16 there too).
 
@@ -31,6 +33,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import answers
 import countdown
 from checkpoint import check_model_dir
 from model import TinyTokenizer, encode_prompt, eos_token_ids, load_model, load_tokenizer
@@ -89,46 +92,47 @@ def default_max_new_tokens(style):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, problems, *, samples=1, temperature=0.0, style=None, max_new_tokens=None,
-             batch_size=64, seed=0, progress=False, eos_token_id=None, start=""):
+             batch_size=64, seed=0, progress=False, eos_token_id=None):
     """Metrics (KEYS) of `model` on `problems`, `samples` completions each; "solved": each
-    problem's success rate over its samples (for intervals and paired comparisons); "failures"
-    and "strategies": what became of the answers and the operation orders they announced;
-    "texts" and "failure_kinds": each answer and what became of it. start: the answer's first characters, given rather than generated
-    (e.g. a strategy line); their tokens count against max_new_tokens."""
+    problem's success rate over its samples (for intervals and paired comparisons); "failures":
+    what became of the answers (answers.failure); "search": the mean per answer of each of
+    answers.SEARCH_COUNTS (moves written, leaf misses, process errors, ...) and
+    "solved_with_errors": the share of answers that verify with a process error in their search;
+    "texts" and "failure_kinds": each answer and what became of it."""
     style = style or default_style(tokenizer)
     max_new_tokens = max_new_tokens or default_max_new_tokens(style)
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    given = tokenizer.encode(start, add_special_tokens=False) if start else []
-    solved, formatted, lengths, failures, strategies, texts, seconds = [], [], [], [], [], [], 0.0
+    solved, formatted, lengths, failures, counts, texts, seconds = [], [], [], [], [], [], 0.0
     per_call = max(1, batch_size // samples)
     chunks = range(0, len(problems), per_call)
     for first in tqdm(chunks, desc="eval", disable=not progress, leave=False):
         chunk = problems[first:first + per_call]
-        prompts = [encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc") + given for p in chunk]
+        prompts = [encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc") for p in chunk]
         t = time.perf_counter()
-        out = sample(model, prompts, max_new_tokens - len(given), temperature=temperature, num_samples=samples,
+        out = sample(model, prompts, max_new_tokens, temperature=temperature, num_samples=samples,
                      eos_token_id=eos_token_id or eos_token_ids(model, tokenizer), stop="</Solution>", tokenizer=tokenizer,
                      generator=generator, pad_token_id=tokenizer.pad_token_id)
         seconds += time.perf_counter() - t
         for k, tokens in enumerate(out.tokens):
             p = chunk[k // samples]
-            text = start + tokenizer.decode(tokens, skip_special_tokens=True)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
             texts.append(text)
             solved.append(countdown.verify(p.nums, p.target, text))
             formatted.append(countdown.solution_format_ok(text, len(p.nums)))
-            lengths.append(len(given) + len(tokens))
-            failures.append(countdown.failure(p.nums, p.target, text, out.finished[k]))
-            strategies.append(countdown.strategy_of(text))
+            lengths.append(len(tokens))
+            failures.append(answers.failure(p.nums, p.target, text, out.finished[k]))
+            counts.append(answers.search_counts(p.nums, p.target, text))
     model.train(was_training)
     by_problem = [any(solved[i:i + samples]) for i in range(0, len(solved), samples)]
     return {"success_rate": sum(solved) / len(solved), "pass_at_k": sum(by_problem) / len(by_problem),
             "solved": [sum(solved[i:i + samples]) / samples for i in range(0, len(solved), samples)],
             "format_error_rate": 1 - sum(formatted) / len(formatted), "mean_length": sum(lengths) / len(lengths),
             "tokens_per_s": sum(lengths) / max(seconds, 1e-9),
-            "failures": {kind: failures.count(kind) / len(failures) for kind in countdown.FAILURES},
-            "strategies": {str(kind): strategies.count(kind) / len(strategies) for kind in sorted(set(strategies), key=str)},
+            "failures": {kind: failures.count(kind) / len(failures) for kind in answers.FAILURES},
+            "search": {key: sum(c[key] for c in counts) / len(counts) for key in answers.SEARCH_COUNTS},
+            "solved_with_errors": sum(s and c["process_errors"] > 0 for s, c in zip(solved, counts)) / len(counts),
             "texts": texts, "failure_kinds": failures}
 
 
@@ -251,8 +255,11 @@ def main(argv=None):
         percent_interval(r["success_rate"], *wilson(round(r["success_rate"] * n), n)) for r in results.values()) + " |")
     for key in KEYS[1:]:
         print(f"| {key.replace('_at_k', f'@{args.samples}')} | " + " | ".join(f"{r[key]:.3f}" for r in results.values()) + " |")
-    for kind in countdown.FAILURES[1:]:  # what became of the answers that failed (countdown.failure)
+    for kind in answers.FAILURES[1:]:  # what became of the answers that failed (answers.failure)
         print(f"| failed: {kind} | " + " | ".join(f"{r['failures'][kind]:.3f}" for r in results.values()) + " |")
+    for key in answers.SEARCH_COUNTS:  # what the searches wrote and passed over, per answer
+        print(f"| {key} per answer | " + " | ".join(f"{r['search'][key]:.2f}" for r in results.values()) + " |")
+    print("| solved with a process error | " + " | ".join(f"{r['solved_with_errors']:.3f}" for r in results.values()) + " |")
     first, *others = results
     for path in others:
         mean, lo, hi = paired_difference(results[first]["solved"], results[path]["solved"])

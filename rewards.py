@@ -19,11 +19,11 @@ step rewards [N, T] added to the per-token advantages, or None; metrics {name: f
 as "<term>/<name>" and documented by the dict given to `reward_term`). `run` is run.Run (the
 flags are run.args), `rollouts` is rl.Rollouts, `step` the optimizer steps done.
 
-States. A state is a number set `countdown.extract_states` finds in a completion. Its value is
+States. A state is a number set `answers.extract_states` finds in a completion. Its value is
 the exact oracle's 0/1 ("can the target still be reached from here?") or the critic's probability
 of the target against a bank of the other targets the problem distribution uses (a softmax over
 the critic's scores: higher when the state points at this target and few others).
-Imports: countdown, critic (online rows), grpo, clipo (metric names), model (token offsets), distributed, torch.
+Imports: answers, countdown, critic (online rows), grpo, clipo (metric names), model (token offsets), distributed, torch.
 """
 import bisect
 import random
@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+import answers
 import clipo
 import countdown
 import critic
@@ -73,7 +74,7 @@ def values_of(states, targets, critic=None):
 
 def state_values(problems, texts, critic=None):
     """Per rollout, a State for every state it writes, in writing order."""
-    found = [countdown.extract_states(t) for t in texts]
+    found = [answers.extract_states(t) for t in texts]
     flat = [(k, o, s, p.target) for k, (p, states) in enumerate(zip(problems, found)) for o, s in states]
     values = values_of([s for _, _, s, _ in flat], [t for *_, t in flat], critic)
     out = [[] for _ in texts]
@@ -219,7 +220,7 @@ def train_critic_online(run, rollouts, step):
     """One critic update on every process's rows: the same rows and seed everywhere, so the
     replicas stay equal with no gradient collective (the critic lives on the host)."""
     rows = [row for p, text in zip(rollouts.problems, rollouts.texts)
-            for row in critic.written_rows(p.nums, p.target, [s for _, s in countdown.extract_states(text)])]
+            for row in critic.written_rows(p.nums, p.target, [s for _, s in answers.extract_states(text)])]
     rows = all_gather_lists(rows, run.world)
     loss = run.critic_trainer.step(random.Random(seed_for(run.args.seed, "critic-online", step)), rows)
     metrics = {"online_rows": float(len(rows))}  # the same on every rank, as the loss and AUROCs

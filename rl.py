@@ -16,7 +16,7 @@ Forwards run in micro-batches of rows sorted by length, each cut to its longest 
 that hit the token limit no longer pad everyone else. A group's rows stay in one micro-batch so
 each prompt runs once per forward (grpo's prompt-shared forward; --no-shared-prompt: off). `run` is run.Run (model, optimizer,
 tokenizer, flags as run.args); the step returns its metrics (train.METRICS), reduced by name.
-Imports: countdown, grpo, rewards, sample, model, distributed, torch.
+Imports: answers, countdown, grpo, rewards, sample, model, distributed, torch.
 """
 import math
 import random
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+import answers
 import countdown
 import grpo
 import rewards
@@ -201,15 +202,26 @@ def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
 def readable_group(run, r, step):
     """The step's first group, for a person to read (rollouts.jsonl): the prompt once, then each
     response with its reward, the mode's terms' bonuses, whether it verified, its length and
-    what became of it (countdown.failure)."""
+    what became of it (answers.failure)."""
     group, p = run.args.group_size, r.problems[0]
     return {"step": step, "kind": "rollouts", "nums": list(p.nums), "target": p.target,
             "prompt": countdown.prompt(p, run.style),
             "responses": [{"text": r.texts[i], "reward": round(r.reward[i].item(), 4),
                            "terms": {name: round(bonus[i].item(), 4) for name, bonus in r.bonuses.items()},
                            "verified": bool(r.correct[i]), "length": len(r.tokens[i]),
-                           "failure": countdown.failure(p.nums, p.target, r.texts[i], r.finished[i])}
+                           "failure": answers.failure(p.nums, p.target, r.texts[i], r.finished[i])}
                           for i in range(group)]}
+
+
+def search_sums(r):
+    """What the rollouts' searches wrote, summed over this process's rollouts: each of
+    answers.SEARCH_COUNTS as "search/<name>", and "search/solved_with_errors" (rollouts that
+    verify with a process error in their search)."""
+    counts = [answers.search_counts(p.nums, p.target, text) for p, text in zip(r.problems, r.texts)]
+    sums = {f"search/{key}": float(sum(c[key] for c in counts)) for key in answers.SEARCH_COUNTS}
+    sums["search/solved_with_errors"] = float(sum(bool(ok) and c["process_errors"] > 0
+                                                  for ok, c in zip(r.correct.tolist(), counts)))
+    return sums
 
 
 def rl_step(run, step):
@@ -240,10 +252,11 @@ def rl_step(run, step):
 
     grouped, lengths = r.reward.view(-1, group), r.lengths
     first = r.advantages[:, r.start]  # the first response token's advantage
-    guesses = sum(countdown.failure(p.nums, p.target, text, done) == "guess"
+    guesses = sum(answers.failure(p.nums, p.target, text, done) == "guess"
                   for p, text, done in zip(r.problems, r.texts, r.finished))
+    searches = search_sums(r)
     sums = {"reward": r.reward.sum().item(), "correct": r.correct.sum().item(), "formatted": r.formatted.sum().item(),
-            "guesses": guesses,
+            "guesses": guesses, **searches,
             "adv": first.sum().item(), "adv_sq": (first ** 2).sum().item(),
             "flat_groups": (grouped.amax(1) == grouped.amin(1)).sum().item(),
             "entropy": (r.entropy * r.response).sum().item(), "response_tokens": r.response.sum().item(),
@@ -261,6 +274,7 @@ def rl_step(run, step):
            "response_length_max": all_reduce([max(lengths)], run.world, "max")[0],
            "tokens_per_s": g["length"] / max(t1 - t0, 1e-9), "time_sample": t1 - t0, "time_reward": t3 - t2,
            "time_train": (t2 - t1) + (t4 - t3), "time_update": t4 - t3}
+    row.update({key: g[key] / n for key in searches})
     if args.kl_coef:
         row["kl_ref"] = g["kl_ref"] / run.world
     row.update({k: g[k] / run.world for k in term_metrics})

@@ -1,13 +1,17 @@
 """The SFT warm start: a model learns the written searches of generated problems.
 
-    python train.py --mode sft                      # the built-in tiny model, from scratch (~8 min, 2 cores)
+    python train.py --mode sft                      # the built-in tiny model, from scratch (~17 min, 2 cores)
+    python train.py --mode sft --skip 0 --out runs/sft-every-move    # the noiseless demonstrator
     python train.py --mode sft --seed 1 --out runs/sft-seed1
 
 train.py runs the loop; this file holds the mode's data and step. The tiny model learns the
-compact trace (countdown.search_trace(..., style="compact")) after the bare prompt, each
-example following one of --strategies (countdown.STRATEGIES by default; drawn uniformly,
-announced in its first line); a
-chat model (--prompt longproc) learns LongProc's demonstration after its chat-templated prompt.
+compact trace (countdown.search_trace(..., style="compact")) after the bare prompt; a chat model
+(--prompt longproc) learns LongProc's demonstration after its chat-templated prompt. The
+demonstrations are solution-blind by construction (README, "The testbed"): each written move is
+passed over with probability --skip, drawn from a generator of its own per trace, before the
+move's outcome is known, and every demonstration is cut at --cut tokens (default twice the RL
+budget), whatever it holds. Nothing about a trace (its moves, whether it is kept, where it ends)
+depends on where the solution is.
 Imports: countdown, grpo, model, distributed, torch.
 """
 import functools
@@ -21,19 +25,26 @@ from distributed import all_reduce, clock, seed_for
 from model import encode_prompt
 
 
+def demonstration(tokenizer, problem, style, skip, cut, rng):
+    """The completion ids of one demonstration: the written search (moves passed over with
+    probability `skip`, drawn from `rng`), EOS, all cut at `cut` tokens."""
+    trace = countdown.search_trace(*problem, style=style, skip=skip, rng=rng)
+    return (tokenizer.encode(trace) + [tokenizer.eos_token_id])[:cut]
+
+
 @functools.lru_cache(maxsize=1)  # a pool serves 4 consecutive steps
-def sft_pool(seed, preset, style, strategies, per_rank, pool_index, rank, tokenizer, exclude):
+def sft_pool(seed, preset, style, skip, cut, per_rank, pool_index, rank, tokenizer, exclude):
     """Four batches of this rank's SFT examples (prompt ids, completion ids), sorted by length so
-    each batch pads little; a pure function of (seed, pool_index, rank). Compact traces follow
-    one of `strategies` (operation orders), drawn per trace."""
+    each batch pads little; a pure function of (seed, pool_index, rank)."""
     rng = random.Random(seed_for(seed, "sft", pool_index, rank))
     trace_style = "compact" if style == "bare" else "longproc"
     pool = []
-    for _ in range(4 * per_rank):
+    for k in range(4 * per_rank):
         p = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS[preset])
-        ops = rng.choice(strategies) if trace_style == "compact" else countdown.OPS
+        # the skips draw from a stream of their own: the next problem never depends on this search
+        skips = random.Random(seed_for(seed, "skip", pool_index, rank, k))
         pool.append((encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc"),
-                     tokenizer.encode(countdown.search_trace(*p, style=trace_style, ops=ops)) + [tokenizer.eos_token_id]))
+                     demonstration(tokenizer, p, trace_style, skip, cut, skips)))
     pool.sort(key=lambda x: len(x[0]) + len(x[1]))
     batches = [pool[k * per_rank:(k + 1) * per_rank] for k in range(4)]
     random.Random(seed_for(seed, "order", pool_index)).shuffle(batches)
@@ -44,8 +55,8 @@ def sft_step(run, step):
     """One supervised step on this rank's slice of the batch: cross-entropy of the completions."""
     args = run.args
     pool_index, part = divmod(step, 4)
-    batch = sft_pool(args.seed, args.preset, run.style, tuple(args.strategies), args.batch_size // run.world,
-                     pool_index, run.rank, run.tokenizer, run.exclude)[part]
+    batch = sft_pool(args.seed, args.preset, run.style, args.skip, args.cut or 2 * run.max_new_tokens,
+                     args.batch_size // run.world, pool_index, run.rank, run.tokenizer, run.exclude)[part]
     t0 = clock(run.device)
     ids, attention, response, start = grpo.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
                                                          run.tokenizer.pad_token_id, run.device)

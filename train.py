@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import answers
 import clipo
 import critic
 import countdown
@@ -54,6 +55,12 @@ METRICS = {  # what each line of metrics.jsonl holds; the reward terms add their
     "time_update": "of those, seconds in the updates (RL); every time_* waits for the device first",
     "heldout/success_rate": "greedy success on held-out problems (every --eval-every steps)",
     "heldout/success_low": "its 95% Wilson interval, lower end", "heldout/success_high": "and upper end",
+    **{f"search/{key}": f"per rollout: {meaning}" for key, meaning in answers.SEARCH_COUNTS.items()},
+    "search/solved_with_errors": "fraction of rollouts that verify with a process error in their search",
+    **{f"heldout/{key}": f"per held-out answer: {meaning}" for key, meaning in answers.SEARCH_COUNTS.items()},
+    "heldout/solved_with_errors": "fraction of held-out answers that verify with a process error in their search",
+    **{f"heldout/failed_{kind.replace(' ', '_')}": f"fraction of held-out answers that failed: {kind} (answers.failure)"
+       for kind in answers.FAILURES[1:]},
 }
 
 
@@ -96,8 +103,10 @@ def parse_args(argv=None):
                     help="steps between groups of rollouts written to rollouts.jsonl (default: --eval-every)")
     # SFT
     ap.add_argument("--batch-size", type=int, default=32, help="SFT sequences per step (global)")
-    ap.add_argument("--strategies", nargs="+", default=list(countdown.STRATEGIES),
-                    help="operation orders the tiny model's demonstrations follow, one drawn per trace")
+    ap.add_argument("--skip", type=float, default=0.25,
+                    help="each written move of a demonstration is passed over with this probability, blind to the "
+                         "target (countdown.search_trace); 0: the reference search, every move")
+    ap.add_argument("--cut", type=int, help="demonstrations are cut at this many tokens (default: 2x the RL budget)")
     # RL
     ap.add_argument("--prompts-per-step", type=int, default=16, help="global; must divide by the world size")
     ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
@@ -176,9 +185,10 @@ def check_args(args, world):
                             f"{args.critic_credit} gives per-token advantages: use sequence credit or another --ratio")
     elif args.batch_size % world:
         problems.append(f"--batch-size {args.batch_size} does not divide by the {world} processes")
-    bad = [ops for ops in args.strategies if sorted(ops) != sorted(countdown.OPS)]
-    if bad:
-        problems.append(f"--strategies {bad[0]}: a strategy orders each of {countdown.OPS} once, e.g. +*/-")
+    if not 0 <= args.skip < 1:
+        problems.append(f"--skip {args.skip}: a probability in [0, 1) (1 would write no move at all)")
+    if args.cut is not None and args.cut < 1:
+        problems.append(f"--cut {args.cut}: demonstrations need at least one token")
     if args.fsdp and world < 2:
         problems.append("--fsdp shards over processes: run under torchrun, or with --procs 2 or more")
     if args.keep < 1:
@@ -255,11 +265,18 @@ def heldout_success(run, heldout, step):
     solved = all_reduce(solved, run.world)
     if run.rank == 0:
         append_metrics(run.args.out, {"step": step, "solved": "".join(str(int(s)) for s in solved)}, "heldout.jsonl")
-        answers = [{"nums": list(heldout[i].nums), "target": heldout[i].target, "text": text, "failure": kind}
-                   for i, text, kind in zip(share, metrics["texts"], metrics["failure_kinds"])][:HELDOUT_SHOWN]
-        append_metrics(run.args.out, {"step": step, "kind": "heldout", "answers": answers}, "rollouts.jsonl")
+        shown = [{"nums": list(heldout[i].nums), "target": heldout[i].target, "text": text, "failure": kind}
+                 for i, text, kind in zip(share, metrics["texts"], metrics["failure_kinds"])][:HELDOUT_SHOWN]
+        append_metrics(run.args.out, {"step": step, "kind": "heldout", "answers": shown}, "rollouts.jsonl")
     low, high = wilson(sum(solved), len(solved))
-    return {"heldout/success_rate": sum(solved) / len(solved), "heldout/success_low": low, "heldout/success_high": high}
+    n = len(heldout)  # every process's answers: the counts add up over processes
+    share_sums = {**{key: metrics["search"][key] * len(share) for key in answers.SEARCH_COUNTS},
+                  "solved_with_errors": metrics["solved_with_errors"] * len(share),
+                  **{f"failed_{kind.replace(' ', '_')}": metrics["failures"][kind] * len(share)
+                     for kind in answers.FAILURES[1:]}}
+    totals = all_reduce(share_sums, run.world)
+    return {"heldout/success_rate": sum(solved) / len(solved), "heldout/success_low": low, "heldout/success_high": high,
+            **{f"heldout/{key}": value / n for key, value in totals.items()}}
 
 
 HELDOUT_SHOWN = 8  # greedy held-out answers written to rollouts.jsonl per evaluation

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import pytest
 
+import answers
 import countdown
 from tests.fuzz import expression_corpus, solution_corpus
 
@@ -67,11 +68,11 @@ def test_division_by_zero_lines_are_not_states_and_compact_skips_them():
     """The line leads to no set: extract_states reads the same states search_states lists, and the
     compact style (one line per legal operation) writes nothing for it."""
     nums, target = [6, 6, 48, 2], 47
-    written = [tuple(s) for _, s in countdown.extract_states(countdown.search_trace(nums, target))]
+    written = [tuple(s) for _, s in answers.extract_states(countdown.search_trace(nums, target))]
     assert written == [s for s, _ in countdown.search_states(nums, target)]
     compact = countdown.search_trace(nums, target, style="compact")
     assert "/0" not in compact and "invalid" not in compact
-    assert [tuple(s) for _, s in countdown.extract_states(compact)] == written
+    assert [tuple(s) for _, s in answers.extract_states(compact)] == written
 
 
 def test_search_trace_is_a_dfs_for_larger_n():
@@ -283,12 +284,12 @@ def test_extract_states_hand_case():
     text = ("  |- Try 21 + 16 = 37. Add 37 to the number set. Current number set: [37, 17, 26], target: 46. \n"
             "     |- Try 54 + 26 = 80. Evaluate 80 != 46, drop this branch.\n"
             "Current number set: [3, x] Current number set: [ 5,6 ] Evaluate 46 == 46")
-    states = countdown.extract_states(text)
+    states = answers.extract_states(text)
     assert [s for _, s in states] == [[37, 17, 26], [80], [5, 6], [46]]
     assert [text[o] for o, _ in states] == ["]", "0", "]", "6"]
     assert states[0][0] == text.index("26]") + 2
     compact = "12+3=15 [15,7]\n15-7=8|8\n 1+2=3|3\n15*7=105 x\n7/1=7 [7,\n<Solution>\n12 + 3 = 15\n</Solution>"
-    states = countdown.extract_states(compact)
+    states = answers.extract_states(compact)
     assert [s for _, s in states] == [[15, 7], [8]]
     assert [o for o, _ in states] == [compact.index("7]") + 1, compact.index("=8") + 1]
 
@@ -301,7 +302,7 @@ def test_compact_trace_is_the_same_search():
         assert countdown.verify(p.nums, p.target, compact)
         assert countdown.solution_block(long) == countdown.solution_block(compact)
         # the same states in the same order: LongProc's "Current number set" / "Evaluate" lines
-        assert [s for _, s in countdown.extract_states(long)] == [s for _, s in countdown.extract_states(compact)]
+        assert [s for _, s in answers.extract_states(long)] == [s for _, s in answers.extract_states(compact)]
     text = countdown.search_trace([21, 16, 17, 26], 46, style="compact")
     assert text.startswith("+-*/\n21+16=37 [37,17,26]\n37+17=54 [54,26]\n54+26=80|46\n54-26=28|46\n54*26=1404|46\n")
     assert text.endswith("26+20=46|46\n<Solution>\n21 + 16 = 37\n37 - 17 = 20\n26 + 20 = 46\n</Solution>\n")
@@ -329,13 +330,13 @@ def _first_solution_by_brute_force(nums, target, ops):
     return None
 
 
-def test_each_strategy_announces_its_order_and_searches_in_it():
+def test_each_operation_order_announces_itself_and_searches_in_it():
     rng = random.Random(5)
-    for ops in countdown.STRATEGIES + ("*/-+",):
+    for ops in (countdown.OPS, "+*/-", "*/-+"):
         for _ in range(100):
             p = countdown.random_problem(rng, **countdown.PRESETS["tiny"])
             trace = countdown.search_trace(*p, style="compact", ops=ops)
-            assert trace.split("\n", 1)[0] == ops and countdown.strategy_of(trace) == ops
+            assert trace.split("\n", 1)[0] == ops
             expected = _first_solution_by_brute_force(list(p.nums), p.target, ops)
             block = "".join(f"{a} {op} {b} = {v}\n" for a, op, b, v in expected)
             assert countdown.solution_block(trace) == "\n" + block and countdown.verify(p.nums, p.target, trace)
@@ -347,16 +348,16 @@ def test_what_became_of_an_answer():
     nums, target = (3, 4, 5, 6), 18
     solved = countdown.search_trace(nums, target, style="compact")
     guess = "+-*/\n4+3=7 [7,5,6]\n7+5=12 [12,6]\n12+6=18|19\n<Solution>\n4 + 3 = 7\n7 + 5 = 12\n12 + 6 = 18\n</Solution>\n"
-    assert countdown.failure(nums, target, solved, True) == "solved" and countdown.wrote_found_leaf(solved, target)
-    assert countdown.failure(nums, 19, guess, True) == "guess"  # its only leaf missed 19
+    assert answers.failure(nums, target, solved, True) == "solved" and answers.wrote_found_leaf(solved, target)
+    assert answers.failure(nums, 19, guess, True) == "guess"  # its only leaf missed 19
     slip = guess.replace("12+6=18|19", "12+7=19|19")  # the search claims the hit, the block is wrong
-    assert countdown.failure(nums, 19, slip, True) == "slip" and countdown.wrote_found_leaf(slip, 19)
-    assert countdown.failure(nums, target, solved[:40], False) == "out of tokens"
-    assert countdown.failure(nums, target, solved[:40], True) == "no block"
+    assert answers.failure(nums, 19, slip, True) == "slip" and answers.wrote_found_leaf(slip, 19)
+    assert answers.failure(nums, target, solved[:40], False) == "out of tokens"
+    assert answers.failure(nums, target, solved[:40], True) == "no block"
     long = countdown.search_trace([21, 16, 17, 26], 46)
-    assert countdown.wrote_found_leaf(long, 46) and not countdown.wrote_found_leaf(long, 47)
+    assert answers.wrote_found_leaf(long, 46) and not answers.wrote_found_leaf(long, 47)
     # a hit written after the block does not count
-    assert not countdown.wrote_found_leaf(guess + "12+7=19|19\n", 19)
+    assert not answers.wrote_found_leaf(guess + "12+7=19|19\n", 19)
 
 
 def test_search_states_and_their_reached_values():
@@ -373,7 +374,7 @@ def test_search_states_and_their_reached_values():
 def test_extract_states_on_longproc(longproc):
     for x in longproc[:50]:
         demo = x["demonstration"]
-        states = countdown.extract_states(demo)
+        states = answers.extract_states(demo)
         assert len(states) == demo.count("Current number set") + demo.count("Evaluate")
         assert states[-1][1] == [x["target"]]
         offsets = [o for o, _ in states]

@@ -8,6 +8,7 @@ import random
 
 import torch
 
+import answers
 import countdown
 import critic
 
@@ -144,7 +145,7 @@ def test_short_training_beats_chance_on_3_number_states():
 def _written(nums, target, style):
     """The states a reference trace writes ([] for an unsolvable instance: it has no trace)."""
     trace = countdown.search_trace(nums, target, style)
-    return [s for _, s in countdown.extract_states(trace)] if trace else []
+    return [s for _, s in answers.extract_states(trace)] if trace else []
 
 
 def test_written_rows_of_reference_traces_are_the_searches_own_rows():

@@ -2,6 +2,7 @@
 checked on hand-computed cases."""
 import torch
 
+import answers
 import countdown
 import rewards
 from grpo import group_advantages, normalise_step_rewards, rewards_to_go
@@ -58,7 +59,7 @@ def test_process_credit_puts_values_on_the_finishing_tokens():
     positions = mask[0].nonzero().squeeze(-1).tolist()
     assert len(positions) == 7 and steps[0, positions].tolist() == [1, 0, 0, 0, 0, 1, 1]
     # by hand: the first state ends at "]" of "21+16=37 [37,17,26]", the 19th character after
-    # the 5 of the strategy line "+-*/\n"
+    # the 5 of the order line "+-*/\n"
     assert positions[0] == 23 and tok.pieces[ids[23]] == "]"
     assert tok.pieces[ids[positions[-1]]] == "4"  # "46" finishes with its tens digit (written last)
 
@@ -171,4 +172,4 @@ def test_a_guess_never_out_earns_a_search_that_goes_on():
                     response=torch.zeros(4, 3), start=0)
     rl.score(types.SimpleNamespace(args=train.parse_args([]), terms=()), r, step=0)
     assert r.reward.tolist() == [1.0, 0.0, 0.0, 0.0]
-    assert countdown.failure(P.nums, P.target, guess, True) == "guess"
+    assert answers.failure(P.nums, P.target, guess, True) == "guess"

@@ -15,8 +15,8 @@ import zlib
 import pytest
 import torch
 
+import answers
 import cli
-import countdown
 import critic
 import pseudo_outcome
 import train
@@ -47,7 +47,7 @@ def _written_states(text):
 
 def _metrics(setup, name, flags, monkeypatch):
     out = setup / name.replace(" ", "-").replace("+", "-")
-    monkeypatch.setattr(countdown, "extract_states", _written_states)
+    monkeypatch.setattr(answers, "extract_states", _written_states)
     argv = [*flags, "--model", setup / "model", "--critic", setup / "critic.safetensors", "--out", out, "--steps", 3,
             "--prompts-per-step", 4, "--group-size", 4, "--max-new-tokens", 40, "--eval-every", 3,
             "--eval-problems", 4, "--lr", "1e-3", "--seed", 5, "--procs", 1,

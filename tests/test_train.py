@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import cli
-import countdown
+import answers
 import critic
 import pseudo_outcome
 import rewards
@@ -146,7 +146,7 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
         assert len(group["responses"]) == 4 and group["prompt"].startswith("Numbers: ")
         for response in group["responses"]:
             assert response.keys() == {"text", "reward", "terms", "verified", "length", "failure"}
-            assert response["failure"] in countdown.FAILURES and set(response["terms"]) <= set(mode.split("+"))
+            assert response["failure"] in answers.FAILURES and set(response["terms"]) <= set(mode.split("+"))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -157,7 +157,8 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     (["--resume"], "no intact checkpoint"),
     (["--critic-online"], "add critic to --mode"),
     (["--mode", "critic", "--critic", "scratch"], "needs --critic-online"),
-    (["--mode", "sft", "--strategies", "+-*/", "++*/"], "--strategies \\+\\+\\*/: a strategy orders each"),
+    (["--mode", "sft", "--skip", "1"], "--skip 1.0: a probability in \\[0, 1\\)"),
+    (["--mode", "sft", "--cut", "0"], "--cut 0: demonstrations need at least one token"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, argv, message):
     args = train.parse_args(["--out", str(tmp_path / "run"), *argv])

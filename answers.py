@@ -1,0 +1,214 @@
+"""What a model's answer holds, read back: the states it reaches, each written move checked
+against the rules, what the search passed over, and what became of the answer.
+
+    from answers import extract_states, failure, read_search, search_counts
+    extract_states(text)                         # [(offset, numbers)]: where the reward terms credit
+    failure(nums, target, text, finished)        # "solved", "out of tokens", "no block", "guess", "slip"
+    lines = read_search(nums, target, text)      # [Line]: each written move, its parent, legal?, reaches?
+    search_counts(nums, target, text)            # {"lines", "leaf_misses", "dead_pairs", "process_errors", ...}
+    python -m pytest tests/test_answers.py       # hand-built traces against the counts
+
+Both written styles are read: the compact lines (`7+5=12 [12,3,6]`, a leaf `15+6=21|42`) and
+LongProc's (`|- Try 7 + 5 = 12. Add 12 to the number set. Current number set: [12, 3, 6], ...`,
+a leaf `|- Try 15 + 6 = 21. Evaluate 21 != 42, drop this branch.`). Neither style writes which
+state a line continues; a depth-first search makes it the newest state written with one number
+more (the problem's numbers for a first move). Only the search before the first <Solution> is
+read. Plain functions, standard library and countdown only (no torch).
+"""
+import re
+from typing import NamedTuple
+
+import countdown
+
+# ---------------------------------------------------------------------------------------------
+# What became of an answer
+
+_FOUND_LEAF = re.compile(r"^[0-9]{1,6}[-+*/][0-9]{1,6}=([0-9]{1,6})\|[0-9]{1,6}$"
+                         r"|Evaluate ([0-9]{1,6}) == [0-9]{1,6}, target found!", re.ASCII | re.MULTILINE)
+FAILURES = ("solved", "out of tokens", "no block", "guess", "slip")
+
+
+def wrote_found_leaf(completion, target):
+    """Whether the search written before the first <Solution> has a leaf whose value is the
+    target (compact `38+8=46|46`, or LongProc's `Evaluate 46 == 46, target found!`)."""
+    head = completion.split("<Solution>", 1)[0]
+    return any(int(m[1] or m[2]) == target for m in _FOUND_LEAF.finditer(head))
+
+
+def failure(nums, target, completion, finished):
+    """What became of an answer, one of FAILURES: solved; out of tokens (the budget ended it);
+    no block (it stopped without a parsable <Solution>, e.g. after countdown.NO_SOLUTION); guess
+    (a block after a search that never hit the target: a stop at a miss, or no search at all);
+    slip (the search hit the target, and the block is wrong anyway). `finished`: it stopped by
+    itself (EOS, stop string)."""
+    if countdown.verify(nums, target, completion):
+        return "solved"
+    if not finished:
+        return "out of tokens"
+    if not countdown.solution_format_ok(completion, len(nums)):
+        return "no block"
+    return "slip" if wrote_found_leaf(completion, target) else "guess"
+
+
+# ---------------------------------------------------------------------------------------------
+# The states it reached (where the critic's and the oracle's credits land)
+
+_NUMBER_LIST = r"\[\s*([0-9]{1,6}(?:\s*,\s*[0-9]{1,6})*)\s*\]"
+_STATE = re.compile(rf"(?:Current number set: |=[0-9]{{1,6}} ){_NUMBER_LIST}|Evaluate ([0-9]{{1,6}})\b"
+                    r"|^[0-9]{1,6}[-+*/][0-9]{1,6}=([0-9]{1,6})\|", re.ASCII | re.MULTILINE)
+
+
+def extract_states(completion):
+    """[(offset, numbers)] for every state the completion reaches, in order of writing.
+
+    A state is a `Current number set: [...]` or a leaf result (`Evaluate X ...`, the set [X])
+    in the LongProc style; in the compact style, the set after `=X ` (`21+16=37 [37,17,26]`)
+    or the result of a leaf line (`54+26=80|46`, the set [80]);
+    `offset` is the index of the state's last character (the `]`, or X's last digit), so a
+    reward placed there credits every token that wrote it. What does not parse is skipped.
+    """
+    states = []
+    for m in _STATE.finditer(completion):
+        if m[1] is not None:
+            states.append((m.end() - 1, [int(x) for x in m[1].split(",")]))
+        else:
+            leaf = 2 if m[2] is not None else 3
+            states.append((m.end(leaf) - 1, [int(m[leaf])]))
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# The written search, move by move
+
+_N = "([0-9]{1,6})"
+_MOVE = re.compile(
+    rf"^{_N}([-+*/]){_N}={_N}(?: \[([0-9,]*)\]|\|{_N})$"                           # compact
+    rf"|Try {_N} ([-+*/]) {_N} = {_N}\. (?:Add [0-9]{{1,6}} to the number set\. "  # LongProc
+    rf"Current number set: \[([0-9, ]*)\]|Evaluate [0-9]{{1,6}} [!=]= {_N}, )", re.ASCII | re.MULTILINE)
+
+
+class Line(NamedTuple):
+    """One written move."""
+    parent: tuple   # the state it continues (see the module docstring), None when no such state was written
+    move: tuple     # (a, op, b, value) as written
+    child: tuple    # the numbers it leads to, as written ((value,) at a leaf)
+    target: int     # the target a leaf restates (None on a line that leads to a set)
+    legal: bool     # a legal move of `parent`, written right: a and b taken from it, value = a op b exactly
+                    # and in [0, MAX_VALUE), child = value and the rest; a leaf restates the true target
+    reaches: bool   # the exact oracle: the target can still be reached from `child` (a leaf: it is the target)
+
+
+def _legal(parent, move, child, restated, target):
+    if parent is None:
+        return False
+    a, op, b, value = move
+    rest = list(parent)
+    for x in (a, b):
+        if x not in rest:
+            return False
+        rest.remove(x)
+    if countdown.whole_result(a, b, op) != value or not 0 <= value < countdown.MAX_VALUE:
+        return False
+    if len(child) == 1 and restated != target:
+        return False
+    return sorted(child) == sorted(rest + [value])
+
+
+def read_search(nums, target, completion):
+    """[Line] for every move the search before the first <Solution> writes, in order."""
+    head = completion.split("<Solution>", 1)[0]
+    newest = {len(nums): tuple(nums)}  # state size -> the newest state of that size still open
+    lines = []
+    for m in _MOVE.finditer(head):
+        g = m.groups()[:6] if m[1] is not None else m.groups()[6:]
+        a, op, b, value = int(g[0]), g[1], int(g[2]), int(g[3])
+        if g[4] is not None:
+            try:
+                child, restated = tuple(int(x) for x in g[4].split(",")), None
+            except ValueError:  # an empty or broken list: not a move
+                continue
+        else:
+            child, restated = (value,), int(g[5])
+        parent = newest.get(len(child) + 1)
+        reaches = value == target if len(child) == 1 else countdown.solvable(child, target)
+        lines.append(Line(parent, (a, op, b, value), child, restated,
+                          _legal(parent, (a, op, b, value), child, restated, target), reaches))
+        for size in [s for s in newest if s <= len(child)]:  # the search left those states' subtrees
+            del newest[size]
+        if len(child) > 1:
+            newest[len(child)] = child
+    return lines
+
+
+def _moves(state, ops):
+    """The legal moves of `state` in the reference search's order: [(key, child)], key =
+    (big, op, small, sorted child) (how a written line is matched to a move)."""
+    out = []
+    for i in range(len(state)):
+        for j in range(i + 1, len(state)):
+            rest = tuple(state[k] for k in range(len(state)) if k not in (i, j))
+            big, small = max(state[i], state[j]), min(state[i], state[j])
+            for op in ops:
+                value = countdown.whole_result(big, small, op)
+                if value is not None and value < countdown.MAX_VALUE:
+                    child = (value,) + rest
+                    out.append(((big, op, small, tuple(sorted(child))), child))
+    return out
+
+
+def passed_over(nums, target, lines, gave_up=False, ops=countdown.OPS):
+    """The legal moves the written search passed over, as (to a dead end, to a live state)
+    counts. A state's move is passed over when the search wrote a later move of that state (in
+    the reference order `ops`) but not this one, or when it left the state's subtree (wrote a
+    move of an ancestor's) without it; gave_up (the answer ends with countdown.NO_SOLUTION)
+    leaves every state. A move to a dead end cannot reach the target (a leaf: misses it)."""
+    states = []  # per written state (the problem's numbers first): [its moves, the indices written, left?]
+    newest = {}  # state size -> its index in `states`, while open
+
+    def enter(state):
+        newest[len(state)] = len(states)
+        states.append([_moves(state, ops), set(), False])
+    enter(tuple(nums))
+    for line in lines:
+        size = len(line.child)
+        parent = newest.get(size + 1)
+        for s in [s for s in newest if s <= size]:
+            states[newest.pop(s)][2] = True
+        if parent is not None:
+            moves, written, _ = states[parent]
+            a, op, b, _ = line.move
+            key = (max(a, b), op, min(a, b), tuple(sorted(line.child)))
+            k = next((k for k, (mk, _) in enumerate(moves) if mk == key and k not in written), None)
+            if k is not None:
+                written.add(k)
+        if size > 1:
+            enter(line.child)
+    dead = live = 0
+    for moves, written, left in states:
+        last = max(written, default=-1)
+        for k, (_, child) in enumerate(moves):
+            if k in written or (k > last and not (left or gave_up)):
+                continue
+            reaches = child[0] == target if len(child) == 1 else countdown.solvable(child, target)
+            live, dead = live + reaches, dead + (not reaches)
+    return dead, live
+
+
+SEARCH_COUNTS = {  # what search_counts returns per answer; the training logs hold their means
+    "lines": "moves written (lines that lead to a set, leaves included)",
+    "leaf_misses": "leaves written whose value misses the target",
+    "dead_pairs": "2-number states written from which the target cannot be reached (the exact oracle)",
+    "process_errors": "moves written that are not a legal move of the state they continue (wrong arithmetic included)",
+    "skipped_dead": "legal moves passed over that lead to a dead end (a prune)",
+    "skipped_live": "legal moves passed over from which the target can still be reached",
+}
+
+
+def search_counts(nums, target, completion):
+    """SEARCH_COUNTS of one answer: {name: int}."""
+    lines = read_search(nums, target, completion)
+    head = completion.split("<Solution>", 1)[0]
+    dead, live = passed_over(nums, target, lines, gave_up=countdown.NO_SOLUTION in head)
+    return {"lines": len(lines), "leaf_misses": sum(len(x.child) == 1 and not x.reaches for x in lines),
+            "dead_pairs": sum(len(x.child) == 2 and not x.reaches for x in lines),
+            "process_errors": sum(not x.legal for x in lines), "skipped_dead": dead, "skipped_live": live}

@@ -70,6 +70,13 @@ def rewards_to_go(step_rewards):
     return step_rewards.flip(-1).cumsum(-1).flip(-1)
 
 
+def tis_weights(old_logp, sampler_logp, cap):
+    """Truncated importance sampling (TIS): per token min(pi_old / pi_sampler, cap), the factor
+    that turns the sampler's draws (a bf16 copy, a filtered distribution) into the trainer's
+    policy's, truncated so that a rare token cannot blow up the loss. No gradient."""
+    return (old_logp - sampler_logp).exp().clamp(max=cap).detach()
+
+
 def _clipped_surrogate(r, adv, mask, clip_low, clip_high):
     """PPO's pessimistic surrogate per token, -min(r A, clip(r) A), and where the clip bit."""
     unclipped, clipped = r * adv, r.clamp(1 - clip_low, 1 + clip_high) * adv
@@ -77,7 +84,8 @@ def _clipped_surrogate(r, adv, mask, clip_low, clip_high):
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, ratio="token", agg="token-mean",
-                ref_logp=None, kl_coef=0.0, max_length=None, num_tokens=None, num_sequences=None):
+                ref_logp=None, kl_coef=0.0, entropy=None, entropy_coef=0.0, weights=None, max_length=None,
+                num_tokens=None, num_sequences=None):
     """Clipped surrogate loss (to minimise) and stats; every tensor [N, T], advantages per token.
 
     ratio: "token" (PPO/GRPO; DAPO's clip-higher is clip_high=0.28), "sequence" (GSPO, token
@@ -90,6 +98,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
     (the others), by default this batch's counts. Give the counts of the whole (global)
     minibatch when it is split into micro-batches whose gradients add up.
     KL to a reference: + kl_coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1 (minimised).
+    Entropy bonus: - entropy_coef * entropy (the policy's entropy per token, with its gradient).
+    weights: per-token factors on the surrogate alone (not on the KL or entropy terms), e.g.
+    truncated importance weights min(exp(old - sampler), C) for a sampler that is not the trainer.
+    Every term is aggregated like the surrogate.
     """
     if ratio not in RATIOS or agg not in AGGREGATIONS:
         raise ValueError(f"ratio must be one of {RATIOS} and agg one of {AGGREGATIONS}")
@@ -114,9 +126,13 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
         seq_log_ratio = log_ratio.sum(-1, keepdim=True) / lengths[:, None]
         r = (seq_log_ratio.detach() + logp - logp.detach()).exp()
         per_token, clipped_frac = _clipped_surrogate(r, adv, mask, clip_low, clip_high)
+    if weights is not None:
+        per_token = per_token * weights
     if kl_coef:
         delta = ref_logp - logp
         per_token = per_token + kl_coef * (delta.exp() - delta - 1)
+    if entropy_coef:
+        per_token = per_token - entropy_coef * entropy
     if agg == "token-mean":
         loss = (per_token * mask).sum() / (mask.sum() if num_tokens is None else num_tokens)
     else:
@@ -131,39 +147,44 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2
                  "ratio_max": token_ratio.max()}
         if kl_coef:
             stats["kl_ref"] = ((delta.exp() - delta - 1) * mask).sum() / count
+        if entropy_coef:
+            stats["entropy"] = (entropy * mask).sum() / count
     return loss, stats
 
 
 class LogProbs(NamedTuple):
     logp: torch.Tensor               # [N, T]: log-prob of input_ids[:, t] given the tokens before (0 off the response)
-    entropy: torch.Tensor = None     # [N, T]: entropy of the predictive distribution at response token t
+    entropy: torch.Tensor = None     # [N, T]: entropy of the predictive distribution at response token t (with grad)
     hidden: torch.Tensor = None      # [N, T, H]: final (post-norm) hidden states, fp32
 
 
 LOGIT_CHUNK_BYTES = 1 << 28  # fp32 logits of at most this size exist at once (256 MiB), in forward and backward
 
 
-def _chunk_logprobs(head, hidden, targets, entropy):
-    """Log-probs of `targets` [N, C] from hidden states [N, C, H] through the LM head (fp32
-    logsumexp), and the entropies (no grad) when asked."""
+def _chunk_logprobs(head, hidden, targets, entropy, temperature):
+    """Log-probs of `targets` [N, C] under softmax(logits / temperature), the logits from hidden
+    states [N, C, H] through the LM head (fp32 logsumexp), and that distribution's entropies
+    when asked."""
     logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = logits.logsumexp(-1)
     taken = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
     if not entropy:
         return taken, None
-    with torch.no_grad():
-        return taken, lse - (logits.softmax(-1) * logits).sum(-1)
+    return taken, lse - (logits.softmax(-1) * logits).sum(-1)
 
 
-def head_logprobs(head, hidden, targets, entropy=False):
+def head_logprobs(head, hidden, targets, entropy=False, temperature=1.0):
     """The LM head over hidden states [N, R, H], a chunk of positions at a time: log-probs of
-    `targets` [N, R] (and entropies). With gradients on, each chunk's logits are recomputed in
-    backward instead of kept (torch.utils.checkpoint), so no [N, R, vocab] tensor ever exists."""
+    `targets` [N, R] (and entropies) at the sampling temperature. With gradients on, each
+    chunk's logits are recomputed in backward instead of kept (torch.utils.checkpoint), so no
+    [N, R, vocab] tensor ever exists."""
     rows, length = targets.shape
     chunk = max(1, LOGIT_CHUNK_BYTES // (4 * rows * head.out_features))
     taken, entropies = [], []
     for a in range(0, length, chunk):
-        args = (head, hidden[:, a:a + chunk], targets[:, a:a + chunk], entropy)
+        args = (head, hidden[:, a:a + chunk], targets[:, a:a + chunk], entropy, temperature)
         if torch.is_grad_enabled():
             t, e = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
@@ -279,7 +300,8 @@ class TokenLogProbs(torch.nn.Module):
             for layer in lm.get_decoder().layers:
                 layer._can_checkpoint_with_cache = True
 
-    def forward(self, input_ids, attention_mask, response_mask, start, entropy=False, hidden=False, groups=None):
+    def forward(self, input_ids, attention_mask, response_mask, start, entropy=False, hidden=False, groups=None,
+                temperature=1.0):
         decoder = self.lm.get_decoder()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         shared = None
@@ -297,17 +319,19 @@ class TokenLogProbs(torch.nn.Module):
         offset = input_ids.shape[1] - states.shape[1]  # the column of states[:, 0]
         # position t - 1 predicts token t: the response tokens start..T-1 need states start-1..T-2
         logp, ent = head_logprobs(self.lm.get_output_embeddings(), states[:, start - 1 - offset:-1],
-                                  input_ids[:, start:], entropy)
+                                  input_ids[:, start:], entropy, temperature)
         logp = torch.nn.functional.pad(logp, (start, 0)) * response_mask
         ent = torch.nn.functional.pad(ent, (start, 0)) if entropy else None
         return LogProbs(logp, ent, states.float() if hidden else None)
 
 
 def sequence_logprobs(model, input_ids, attention_mask, response_mask, *, start=None, entropy=False, hidden=False,
-                      groups=None):
+                      groups=None, temperature=1.0):
     """One forward pass: log-probs of the taken response tokens [N, T] (logit gathered minus
     logsumexp, logits only where a response token is predicted), optionally entropies and the
-    final hidden states (for CLIPO). `model`: a TokenLogProbs (bare or wrapped by DDP, FSDP or
+    final hidden states (for CLIPO). `temperature`: the sampler's; the log-probs and entropies
+    are those of softmax(logits / temperature), the distribution the tokens were drawn from
+    (top-k / top-p filtering is not applied: see README, "What TRL / verl call it"). `model`: a TokenLogProbs (bare or wrapped by DDP, FSDP or
     torch.compile), or a bare causal LM. `start`: the first response column (every row's
     response starts there or later); derived from the mask when not given (one host sync).
     `groups`: [N] prompt ids, rows with equal ids running their shared prompt once (see
@@ -316,7 +340,8 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, *, start=
         start = int(response_mask.any(0).to(torch.int8).argmax())
     if hasattr(model, "get_output_embeddings"):  # a bare LM
         model = TokenLogProbs(model)
-    return model(input_ids, attention_mask, response_mask, max(1, start), entropy=entropy, hidden=hidden, groups=groups)
+    return model(input_ids, attention_mask, response_mask, max(1, start), entropy=entropy, hidden=hidden, groups=groups,
+                 temperature=temperature)
 
 
 def pack_rollouts(prompts, responses, pad_id, device):

@@ -138,21 +138,29 @@ def token_rewards(credits, tokens, tokenizer, width):
 # ---------------------------------------------------------------------------------------------
 # Reward terms: the registry the modes name
 
+def _unit_weight(args):
+    return 1.0
+
+
 class RewardTerm(NamedTuple):
     score: Callable             # (run, rollouts, step) -> (bonus [N] | None, step rewards [N, T] | None, metrics)
     metrics: dict               # metric name -> meaning (logged as "<term>/<name>")
     needs_hidden: bool = False  # the old-log-prob pass then pools the final hidden states (rollouts.pooled)
+    weight: Callable = _unit_weight  # args -> the coefficient the bonus carries (--normalise-terms weighs by it)
 
 
 REWARD_TERMS = {}
 
 
-def reward_term(name, metrics, needs_hidden=False):
-    """Register `fn(run, rollouts, step)` as the reward term of mode `name` (module docstring)."""
+def reward_term(name, metrics, needs_hidden=False, weight=_unit_weight):
+    """Register `fn(run, rollouts, step)` as the reward term of mode `name` (module docstring).
+    weight(args): the coefficient its bonus is scaled by; with --normalise-terms the bonus is
+    normalised within its group (its scale is gone) and then weighed by |weight|."""
     def register(fn):
-        REWARD_TERMS[name] = RewardTerm(fn, metrics, needs_hidden)
+        REWARD_TERMS[name] = RewardTerm(fn, metrics, needs_hidden, weight)
         return fn
     return register
+
 
 
 STATE_METRICS = {"bonus_mean": "sequence credit: mean state value per rollout",
@@ -204,7 +212,7 @@ CRITIC_METRICS = {**STATE_METRICS,
                      for k in (3, 2, 1)}}
 
 
-@reward_term("critic", CRITIC_METRICS)
+@reward_term("critic", CRITIC_METRICS, weight=lambda args: args.critic_coef)
 def critic_credit(run, rollouts, step):
     """The contrastive critic's values of the states a rollout writes; with --critic-online the
     critic then trains on them (critic.written_rows: hindsight from the rollouts themselves)."""
@@ -231,14 +239,14 @@ def train_critic_online(run, rollouts, step):
     return metrics
 
 
-@reward_term("oracle", STATE_METRICS)
+@reward_term("oracle", STATE_METRICS, weight=lambda args: args.critic_coef)
 def oracle_credit(run, rollouts, step):
     """The exact oracle's 0/1 values of the same states (the upper bound of the critic)."""
     values = state_values(rollouts.problems, rollouts.texts)
     return state_credit(run, rollouts, values, initial_values(rollouts.problems))
 
 
-@reward_term("clipo", clipo.METRICS, needs_hidden=True)
+@reward_term("clipo", clipo.METRICS, needs_hidden=True, weight=lambda args: args.clipo_lambda)
 def clipo_bonus(run, rollouts, step):
     """CLIPO's per-rollout bonus; its head trains on this step's rollouts first. During the
     first --clipo-warmup steps only the head trains: no bonus (and rl.py skips the update)."""

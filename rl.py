@@ -6,12 +6,15 @@
 rl_step(run, step) fills one `Rollouts`, in six stages numbered as in the code:
  1. prompts: the same global list on every process, each takes its slice (a group never spans
     processes), one sampling generator per prompt (a rollout does not depend on where it is drawn);
- 2. rollouts: G samples per prompt (sample.py), packed into [N, T] rows and decoded;
- 3. old pass: one no-grad forward for the old log-probs, entropies, the reference's log-probs
-    (--kl-coef) and the pooled hidden states a reward term asks for (CLIPO);
+ 2. rollouts: G samples per prompt (sample.py), decoded, in rounds until enough groups carry
+    signal (--oversample, --max-sample-rounds), then packed into [N, T] rows with the sampler's
+    log-probs;
+ 3. old pass: one no-grad forward for the old log-probs at the sampling temperature, entropies,
+    the reference's log-probs (--kl-coef) and the pooled hidden states a reward term asks for (CLIPO);
  4. rewards: outcome 1 (+ --format-reward, 0 by default), plus each reward term of the mode;
- 5. advantages: group-normalised rewards, plus the rewards-to-go of the terms' step rewards;
- 6. update: --ppo-epochs x --minibatches clipped updates.
+ 5. advantages: group-normalised rewards (--normalise-terms: each term apart), plus the
+    rewards-to-go of the terms' step rewards; --mask-truncated takes cut rollouts out of the loss;
+ 6. update: --ppo-epochs x --minibatches clipped updates (--entropy-coef, --tis-cap).
 Forwards run in micro-batches of rows sorted by length, each cut to its longest row: rollouts
 that hit the token limit no longer pad everyone else. A group's rows stay in one micro-batch so
 each prompt runs once per forward (grpo's prompt-shared forward; --no-shared-prompt: off). `run` is run.Run (model, optimizer,
@@ -45,7 +48,8 @@ class Rollouts:
     response: torch.Tensor             # [N, T] float, 1 on response tokens
     start: int                         # first response column: prompts are left-padded to end here
     finished: list = None              # [N] the rollout stopped by itself (False: it ran out of tokens)
-    old_logp: torch.Tensor = None      # [N, T] log-prob of each response token under the sampling policy
+    sampler_logp: torch.Tensor = None  # [N, T] log-prob of each response token as the sampler drew it (sample())
+    old_logp: torch.Tensor = None      # [N, T] the same under the trainer's forward of the sampling weights
     entropy: torch.Tensor = None       # [N, T] entropy of that policy at each response token
     ref_logp: torch.Tensor = None      # [N, T] log-probs under the frozen reference (--kl-coef > 0)
     pooled: torch.Tensor = None        # [N, H] mean final hidden state over response tokens (terms that ask)
@@ -54,6 +58,7 @@ class Rollouts:
     reward: torch.Tensor = None        # [N] outcome + format + the terms' bonuses
     step_rewards: torch.Tensor = None  # [N, T] the terms' per-token rewards, summed (0 elsewhere)
     advantages: torch.Tensor = None    # [N, T] group-normalised reward + rewards-to-go of step_rewards
+    loss_mask: torch.Tensor = None     # [N, T] the tokens the loss reads: the response (--mask-truncated: of finished rows)
     bonuses: dict = None               # term name -> [N] its bonus in the reward (step rewards not included)
 
     @property
@@ -82,33 +87,67 @@ def choose_groups(flat, keep):
     return sorted(sorted(range(len(flat)), key=lambda g: flat[g])[:keep])
 
 
-def roll_out(run, problems, step, keep):
-    """G rollouts of each problem, decoded; `keep` groups of them packed into rows. When there
-    are more problems than `keep` (--oversample), groups whose outcomes differ come first (DAPO's
-    dynamic sampling: a group of equal rewards has zero advantage, no signal). Also returns the
-    fraction of sampled groups without signal."""
+def draw_problems(run, step, round_):
+    """This process's problems of one sampling round: its slice of the round's global list, the
+    same on every process (a group never spans processes); (1 + --oversample) x its share."""
+    args = run.args
+    per_rank = args.prompts_per_step // run.world
+    drawn = per_rank + math.ceil(args.oversample * per_rank)
+    # round 0 keeps the seed it had before rounds existed: a run without refills is unchanged
+    rng = random.Random(seed_for(args.seed, "prompts", step, *(("round", round_) if round_ else ())))
+    return [countdown.random_problem(rng, exclude=run.exclude, **countdown.PRESETS[args.preset])
+            for _ in range(drawn * run.world)][run.rank * drawn:(run.rank + 1) * drawn]
+
+
+def sample_round(run, step, round_):
+    """G rollouts of each problem of one round, decoded and verified: a dict of per-group lists
+    (problems, prompts) and per-row lists (tokens, sampler log-probs, finished, texts), and each
+    group's flatness (equal rewards: no signal)."""
     args, tok, group = run.args, run.tokenizer, run.args.group_size
+    problems = draw_problems(run, step, round_)
     prompts = [encode_prompt(tok, countdown.prompt(p, run.style), chat=run.style == "longproc") for p in problems]
-    first = run.rank * len(problems)  # this process's first prompt in the global list
-    generators = [torch.Generator(run.device).manual_seed(seed_for(args.seed, "sample", step, first + i))
+    first = run.rank * len(problems)  # this process's first prompt in the round's global list
+    where = ("round", round_) if round_ else ()
+    generators = [torch.Generator(run.device).manual_seed(seed_for(args.seed, "sample", step, *where, first + i))
                   for i in range(len(problems))]
-    run.refresh_rollout_model()  # with --bf16, a bf16 copy of the current weights: no autocast needed
     sampled = sample(run.rollout_model, prompts, run.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     num_samples=group, eos_token_id=run.eos, stop="</Solution>", tokenizer=tok,
+                     top_k=args.top_k, num_samples=group, eos_token_id=run.eos, stop="</Solution>", tokenizer=tok,
                      generator=generators, pad_token_id=tok.pad_token_id)
     texts = [tok.decode(t, skip_special_tokens=True) for t in sampled.tokens]
     correct, formatted = rewards.outcome([p for p in problems for _ in range(group)], texts)
     grouped = (correct + args.format_reward * formatted).view(-1, group)
-    flat = (grouped.amax(1) == grouped.amin(1)).tolist()
+    return {"problems": problems, "prompts": prompts, "tokens": sampled.tokens, "logprobs": sampled.logprobs,
+            "finished": sampled.finished, "texts": texts, "flat": (grouped.amax(1) == grouped.amin(1)).tolist()}
+
+
+def roll_out(run, step, keep):
+    """`keep` groups of G rollouts, packed into rows. Each round draws (1 + --oversample) x
+    `keep` prompts; rounds go on (at most --max-sample-rounds) until `keep` groups have signal
+    (rewards that differ), and the groups with signal come first (DAPO's dynamic sampling: a
+    group of equal rewards has zero advantage). Returns the Rollouts, the fraction of sampled
+    groups without signal and the rounds used."""
+    args, group = run.args, run.args.group_size
+    run.refresh_rollout_model()  # with --bf16, a bf16 copy of the current weights: no autocast needed
+    pooled = {}
+    for round_ in range(args.max_sample_rounds):
+        drawn = sample_round(run, step, round_)
+        for key, values in drawn.items():
+            pooled.setdefault(key, []).extend(values)
+        if pooled["flat"].count(False) >= keep:
+            break
+    flat = pooled["flat"]
     chosen = choose_groups(flat, keep)
     rows = [g * group + j for g in chosen for j in range(group)]
-    ids, attention, response, start = grpo.pack_rollouts([prompts[g] for g in chosen],
-                                                         [sampled.tokens[i] for i in rows], tok.pad_token_id,
-                                                         run.device)
-    r = Rollouts(problems=[problems[g] for g in chosen for _ in range(group)],
-                 tokens=[sampled.tokens[i] for i in rows], texts=[texts[i] for i in rows], ids=ids,
-                 attention=attention, response=response, start=start, finished=[sampled.finished[i] for i in rows])
-    return r, sum(flat) / len(flat)
+    tokens = [pooled["tokens"][i] for i in rows]
+    ids, attention, response, start = grpo.pack_rollouts([pooled["prompts"][g] for g in chosen], tokens,
+                                                         run.tokenizer.pad_token_id, run.device)
+    sampler_logp = torch.zeros_like(response, device="cpu")
+    for k, i in enumerate(rows):
+        sampler_logp[k, start:start + len(tokens[k])] = torch.tensor(pooled["logprobs"][i])
+    r = Rollouts(problems=[pooled["problems"][g] for g in chosen for _ in range(group)], tokens=tokens,
+                 texts=[pooled["texts"][i] for i in rows], ids=ids, attention=attention, response=response, start=start,
+                 finished=[pooled["finished"][i] for i in rows], sampler_logp=sampler_logp.to(run.device))
+    return r, sum(flat) / len(flat), round_ + 1
 
 
 def old_pass(run, r, hidden):
@@ -121,15 +160,15 @@ def old_pass(run, r, hidden):
             idx = idx.to(r.ids.device)
             rows = (r.ids[idx, :width], r.attention[idx, :width], r.response[idx, :width])
             out = grpo.sequence_logprobs(run.train_model, *rows, start=r.start, entropy=True, hidden=hidden,
-                                         groups=groups)
+                                         groups=groups, temperature=run.args.temperature)
             r.old_logp[idx, :width], r.entropy[idx, :width] = out.logp, out.entropy
             if hidden:
                 chunk = run.clipo.head.pool(out.hidden, r.response[idx, :width])
                 r.pooled = chunk.new_zeros((len(r.tokens), chunk.shape[-1])) if r.pooled is None else r.pooled
                 r.pooled[idx] = chunk
             if r.ref_logp is not None:
-                r.ref_logp[idx, :width] = grpo.sequence_logprobs(run.ref_model, *rows, start=r.start,
-                                                                 groups=groups).logp
+                r.ref_logp[idx, :width] = grpo.sequence_logprobs(run.ref_model, *rows, start=r.start, groups=groups,
+                                                                 temperature=run.args.temperature).logp
 
 
 def score(run, r, step):
@@ -152,21 +191,23 @@ def score(run, r, step):
 
 def update(run, r):
     """--ppo-epochs x --minibatches optimizer steps; each minibatch accumulates its micro-batches'
-    gradients, its loss normalised by the whole global minibatch's tokens (or rows)."""
+    gradients, its loss normalised by the whole global minibatch's tokens (or rows) the loss reads."""
     args, world = run.args, run.world
     # minibatch k: the groups g with g % M == k, so M minibatches are the same on 1 or N processes
     minibatches = [micro_batches([i for i in range(len(r.tokens)) if (i // args.group_size) % args.minibatches == k],
                                  r.lengths, r.start, args.micro_batch, run.groups) for k in range(args.minibatches)]
-    counts = {}  # each minibatch's response tokens and rows, over all processes
+    counts = {}  # each minibatch's tokens and rows the loss reads, over all processes
     for k, chunks in enumerate(minibatches):
-        counts[f"tokens/{k}"] = float(sum(r.response[idx.to(r.ids.device)].sum().item() for idx, _ in chunks))
-        counts[f"rows/{k}"] = float(sum(len(idx) for idx, _ in chunks))
+        rows = [r.loss_mask[idx.to(r.ids.device)] for idx, _ in chunks]
+        counts[f"tokens/{k}"] = float(sum(m.sum().item() for m in rows))
+        counts[f"rows/{k}"] = float(sum((m.sum(-1) > 0).sum().item() for m in rows))
     counts = all_reduce(counts, world)
     sums = torch.zeros(4, device=r.ids.device)  # loss, approx KL, clip fraction, KL to the reference
     with run.training():
         for _ in range(args.ppo_epochs):
             for k, chunks in enumerate(minibatches):
-                update_minibatch(run, r, chunks, counts[f"tokens/{k}"] / world, counts[f"rows/{k}"] / world, sums)
+                update_minibatch(run, r, chunks, max(counts[f"tokens/{k}"], 1.0) / world,
+                                 max(counts[f"rows/{k}"], 1.0) / world, sums)
     means = (sums / max(1, args.ppo_epochs * args.minibatches)).tolist()
     return dict(zip(("loss", "kl", "clip_frac", "kl_ref"), means))
 
@@ -175,21 +216,26 @@ def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
     """One optimizer step on a minibatch, its micro-batches' gradients accumulated; adds the
     loss and token-weighted stats into `sums`."""
     args = run.args
-    local_tokens = sum(r.response[idx.to(r.ids.device), :width].sum() for idx, width in chunks)
+    local_tokens = sum(r.loss_mask[idx.to(r.ids.device), :width].sum() for idx, width in chunks).clamp(min=1)
     run.optimizer.zero_grad(set_to_none=True)
     for j, (idx, width) in enumerate(chunks):
         groups = None if run.groups is None else idx // run.groups
         idx = idx.to(r.ids.device)
         last = j == len(chunks) - 1  # only the last micro-batch's backward reduces gradients
         with gradient_sync(run.train_model, last), run.autocast():
-            mask = r.response[idx, :width]
-            new = grpo.sequence_logprobs(run.train_model, r.ids[idx, :width], r.attention[idx, :width], mask,
-                                         start=r.start, groups=groups)
+            new = grpo.sequence_logprobs(run.train_model, r.ids[idx, :width], r.attention[idx, :width],
+                                         r.response[idx, :width], start=r.start, groups=groups,
+                                         entropy=args.entropy_coef > 0, temperature=args.temperature)
+            old = r.old_logp[idx, :width]
+            # the sampler and the trainer's old policy differ with --bf16 rollouts and top-k / top-p
+            weights = grpo.tis_weights(old, r.sampler_logp[idx, :width], args.tis_cap) if args.tis_cap else None
+            mask = r.loss_mask[idx, :width]
             loss, stats = grpo.policy_loss(
-                new.logp, r.old_logp[idx, :width], r.advantages[idx, :width], mask, clip_low=args.clip_low,
+                new.logp, old, r.advantages[idx, :width], mask, clip_low=args.clip_low,
                 clip_high=args.clip_high, ratio=args.ratio, agg=args.agg, kl_coef=args.kl_coef,
-                ref_logp=None if r.ref_logp is None else r.ref_logp[idx, :width], num_tokens=num_tokens,
-                num_sequences=num_sequences, max_length=run.max_new_tokens)
+                ref_logp=None if r.ref_logp is None else r.ref_logp[idx, :width], entropy=new.entropy,
+                entropy_coef=args.entropy_coef, weights=weights, num_tokens=num_tokens, num_sequences=num_sequences,
+                max_length=run.max_new_tokens)
             loss.backward()
         # the chunk losses add up; their stats are token means: weight them by tokens
         weight = mask.sum() / local_tokens
@@ -224,26 +270,47 @@ def search_sums(r):
     return sums
 
 
+def advantages(run, r):
+    """[N, T]: the group-normalised reward of each rollout at every token, plus the rewards-to-go
+    of the terms' step rewards. --normalise-terms: the outcome (+ format) and each term's bonus
+    are normalised within the group apart, and the bonuses added at their weights |coefficient|
+    (rewards.REWARD_TERMS[name].weight), so a term's scale no longer decides its share."""
+    args, scale = run.args, not run.args.no_scale_adv
+    if not args.normalise_terms:
+        outcome = grpo.group_advantages(r.reward.to(run.device), args.group_size, scale=scale)
+    else:
+        outcome = grpo.group_advantages((r.correct + args.format_reward * r.formatted).to(run.device),
+                                        args.group_size, scale=scale)
+        for name, bonus in r.bonuses.items():
+            weight = abs(rewards.REWARD_TERMS[name].weight(args))
+            outcome = outcome + weight * grpo.group_advantages(bonus.to(run.device), args.group_size, scale=scale)
+    return outcome[:, None] + grpo.rewards_to_go(r.step_rewards)
+
+
+def loss_mask(r, mask_truncated):
+    """[N, T]: the tokens the loss reads: the response tokens, or with mask_truncated only those
+    of rollouts that finished by themselves (DAPO's overlong filtering)."""
+    if not mask_truncated:
+        return r.response
+    return r.response * torch.tensor(r.finished, dtype=r.response.dtype, device=r.response.device)[:, None]
+
+
 def rl_step(run, step):
     args, group = run.args, run.args.group_size
-    # 1. prompts: this process's slice of the step's global list (--oversample: more, to choose from)
+    # 1-2. prompts and rollouts: this process's slice of each round's global list, G samples each
     per_rank = args.prompts_per_step // run.world
-    drawn = per_rank + math.ceil(args.oversample * per_rank)
-    rng = random.Random(seed_for(args.seed, "prompts", step))
-    problems = [countdown.random_problem(rng, exclude=run.exclude, **countdown.PRESETS[args.preset])
-                for _ in range(drawn * run.world)][run.rank * drawn:(run.rank + 1) * drawn]
-    # 2. rollouts
     t0 = clock(run.device)
-    r, sampled_flat = roll_out(run, problems, step, keep=per_rank)
+    r, sampled_flat, rounds = roll_out(run, step, keep=per_rank)
     t1 = clock(run.device)
     # 3. old pass
     old_pass(run, r, hidden=any(rewards.REWARD_TERMS[name].needs_hidden for name in run.terms))
     t2 = clock(run.device)
     # 4. rewards
     term_metrics = score(run, r, step)
-    # 5. advantages
-    outcome = grpo.group_advantages(r.reward.to(run.device), group, scale=not args.no_scale_adv)
-    r.advantages = outcome[:, None] + grpo.rewards_to_go(r.step_rewards)
+    # 5. advantages, and the tokens the loss reads (--mask-truncated: none of a rollout cut by the budget;
+    # its reward still counts in its group's mean and std, as DAPO's overlong filtering does)
+    r.advantages = advantages(run, r)
+    r.loss_mask = loss_mask(r, args.mask_truncated)
     t3 = clock(run.device)
     # 6. update (CLIPO's warm-up trains only its head)
     warming = "clipo" in run.terms and step < args.clipo_warmup
@@ -260,7 +327,9 @@ def rl_step(run, step):
             "adv": first.sum().item(), "adv_sq": (first ** 2).sum().item(),
             "flat_groups": (grouped.amax(1) == grouped.amin(1)).sum().item(),
             "entropy": (r.entropy * r.response).sum().item(), "response_tokens": r.response.sum().item(),
-            "length": sum(lengths), "rollouts": len(lengths), "sampled_flat": sampled_flat,
+            "length": sum(lengths), "rollouts": len(lengths), "sampled_flat": sampled_flat, "rounds": rounds,
+            "logp_gap": ((r.sampler_logp - r.old_logp).abs() * r.response).sum().item(),
+            "truncated": len(lengths) - sum(r.finished),
             **update_stats, **term_metrics}
     g = all_reduce(sums, run.world)
     n = g["rollouts"]
@@ -268,7 +337,8 @@ def rl_step(run, step):
            "format_rate": g["formatted"] / n, "guess_rate": g["guesses"] / n,
            "adv_std": math.sqrt(max(0.0, g["adv_sq"] / n - (g["adv"] / n) ** 2)),
            "zero_adv_frac": g["flat_groups"] / (n / group), "sampled_zero_adv_frac": g["sampled_flat"] / run.world,
-           "kl": g["kl"] / run.world,
+           "sample_rounds": g["rounds"] / run.world, "truncated_frac": g["truncated"] / n,
+           "sampler_logp_gap": g["logp_gap"] / max(g["response_tokens"], 1), "kl": g["kl"] / run.world,
            "clip_frac": g["clip_frac"] / run.world, "entropy": g["entropy"] / max(g["response_tokens"], 1),
            "response_length_mean": g["length"] / n,
            "response_length_max": all_reduce([max(lengths)], run.world, "max")[0],

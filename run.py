@@ -13,12 +13,14 @@ Imports: checkpoint, clipo, countdown, critic, distributed, eval, grpo, model, r
 """
 import argparse
 import copy
+import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import clipo
 import countdown
@@ -127,6 +129,16 @@ def load_critic(args, rank, world):
     return critic.load(args.critic)  # tiny, and it scores text on the host: it stays on the CPU
 
 
+def ddp(module):
+    """DDP that does not broadcast buffers before every forward: ours (rotary frequencies) are
+    the same on every rank. A torch that has forward_sync_buffers (2.13, CI's) says so with
+    forward_sync_buffers=False (it still syncs them once at init, harmless here) and warns on
+    broadcast_buffers; an older one knows only broadcast_buffers=False."""
+    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    return DistributedDataParallel(module, **{flag: False})
+
+
 def build_run(args, rank, world, device):
     """The Run of these flags, and the step it starts at (> 0 when resuming)."""
     resume = latest_checkpoint(args.out) if args.resume else None
@@ -148,7 +160,7 @@ def build_run(args, rank, world, device):
         shard(policy, decoder_layers(model), bf16=args.bf16)
         train_model = policy
     elif world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(policy, broadcast_buffers=False)
+        train_model = ddp(policy)
     else:
         train_model = policy
     if args.compile:

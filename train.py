@@ -46,8 +46,13 @@ METRICS = {  # what each line of metrics.jsonl holds; the reward terms add their
     "guess_rate": "fraction of rollouts with a <Solution> block after a search that never hit the target",
     "adv_std": "std of the advantages", "zero_adv_frac": "fraction of groups whose rewards are all equal (no signal)",
     "sampled_zero_adv_frac": "the same among all sampled groups, before --oversample chose",
+    "sample_rounds": "rounds of rollouts the step drew (--max-sample-rounds; mean over processes)",
+    "truncated_frac": "fraction of rollouts cut by the token budget (--mask-truncated takes them out of the loss)",
+    "sampler_logp_gap": "mean |sampler log-prob - trainer's old log-prob| over response tokens (bf16 rollouts, "
+                        "top-k/top-p; --tis-cap corrects for it)",
     "kl": "approx. KL(old || new) over the updates", "kl_ref": "k3 KL to the reference (with --kl-coef)",
-    "clip_frac": "fraction of tokens whose ratio was clipped", "entropy": "mean token entropy of the rollouts",
+    "clip_frac": "fraction of tokens whose ratio was clipped",
+    "entropy": "mean token entropy of the sampling distribution (at --temperature) over the rollouts",
     "response_length_mean": "mean rollout length (tokens)", "response_length_max": "longest rollout (tokens)",
     "tokens_per_s": "sampled tokens per second (all ranks)",
     "time_sample": "seconds sampling", "time_reward": "seconds scoring (decode, verify, the mode's reward terms)",
@@ -111,10 +116,22 @@ def parse_args(argv=None):
     ap.add_argument("--prompts-per-step", type=int, default=16, help="global; must divide by the world size")
     ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
     ap.add_argument("--max-new-tokens", type=int)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="sampling temperature; the trainer's log-probs are of the same tempered distribution")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (the trainer does not filter)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
     ap.add_argument("--oversample", type=float, default=0.0,
                     help="draw this fraction more prompts and train on the groups with signal first (DAPO)")
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-sample-rounds", type=int, default=1,
+                    help="draw and roll out more prompts, up to this many rounds, until the step has its groups "
+                         "with signal (DAPO's dynamic sampling; 1: one draw)")
+    ap.add_argument("--mask-truncated", action="store_true",
+                    help="rollouts cut by the token budget add no loss (their rewards still count in the group)")
+    ap.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight in the loss")
+    ap.add_argument("--tis-cap", type=float, default=0.0,
+                    help="truncated importance weights min(pi_old / pi_sampler, C) on the loss; 0: off")
+    ap.add_argument("--normalise-terms", action="store_true",
+                    help="normalise the outcome and each reward term within the group apart, then add them")
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--minibatches", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=16, help="rows per forward (sorted by length)")
@@ -175,6 +192,12 @@ def check_args(args, world):
     if args.mode != "sft":
         if args.group_size < 2:
             problems.append(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per prompt")
+        if args.temperature <= 0:
+            problems.append(f"--temperature {args.temperature}: RL samples; greedy rollouts of a group would be equal")
+        if args.max_sample_rounds < 1:
+            problems.append(f"--max-sample-rounds {args.max_sample_rounds}: at least one round of rollouts")
+        if args.tis_cap < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+            problems.append("--tis-cap and --top-k must be >= 0, --top-p in (0, 1]")
         if args.prompts_per_step % world:
             problems.append(f"--prompts-per-step {args.prompts_per_step} does not divide by the {world} processes")
         elif (args.prompts_per_step // world) % args.minibatches:

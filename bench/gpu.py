@@ -44,7 +44,7 @@ import train  # noqa: E402
 from distributed import clock  # noqa: E402
 from model import encode_prompt  # noqa: E402
 from run import build_run  # noqa: E402
-from tests.qwen_like import qwen_tokenizer  # noqa: E402
+from tests.qwen_like import save_tokenizer  # noqa: E402
 
 PEAK_BF16 = 989e12  # H100 / H200 SXM, dense
 CASES = [("(a) 64 prompts x 256", 64, 24, 1, 256), ("(b) 1,000-token prompt x 16 x 128", 1, 1000, 16, 128),
@@ -180,7 +180,7 @@ def main():
     greedy_agreement(model)
     model_dir = tempfile.mkdtemp(prefix="qwen-1.5b-shaped-")
     model.save_pretrained(model_dir)  # bf16 on disk; build_run loads fp32 master weights from it
-    qwen_tokenizer().save_pretrained(model_dir)
+    print(f"\ntokenizer: {save_tokenizer(model_dir)}")
     with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [151_645, 151_643], "pad_token_id": 151_643}, f)
     del model

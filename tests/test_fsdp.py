@@ -98,7 +98,7 @@ def test_fsdp_resume_after_sigterm_is_exact(setup):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_fsdp_bf16_checkpointed_clipo_on_a_qwen_shaped_model(tmp_path):
+def test_fsdp_bf16_checkpointed_clipo_on_a_qwen_shaped_model(qwen_tokenizer, tmp_path):
     save_qwen_like(tmp_path / "qwen")
     out = tmp_path / "run"
     # --preset tiny: test_real_checkpoints.py runs the README command with the LongProc preset

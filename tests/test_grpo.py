@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
-from grpo import group_advantages, normalise_step_rewards, policy_loss, rewards_to_go, sequence_logprobs
+from grpo import (group_advantages, normalise_step_rewards, pack_rollouts, policy_loss, rewards_to_go, sequence_logprobs,
+                  tis_weights)
 from model import new_tiny_model
+from sample import sample
 
 torch.manual_seed(0)
 N, T, G = 6, 9, 3
@@ -63,7 +65,8 @@ def test_group_advantages_process_credit():
     assert abs(got[0, 7] - outcome_0) < 1e-5
 
 
-def _ref_loss(logp, old, adv, mask, clip_low, clip_high, ratio, agg, ref, kl_coef, max_length):
+def _ref_loss(logp, old, adv, mask, clip_low, clip_high, ratio, agg, ref, kl_coef, max_length, weights=None,
+              entropy=None, entropy_coef=0.0):
     """Per-sequence, per-token Python loops over scalars (autograd through torch scalars)."""
     seq_losses, token_losses, n_tokens = [], [], 0
     for i in range(N):
@@ -86,8 +89,12 @@ def _ref_loss(logp, old, adv, mask, clip_low, clip_high, ratio, agg, ref, kl_coe
             for t in toks:
                 r = torch.exp(logp[i, t] - old[i, t]) if ratio == "token" else s * torch.exp(logp[i, t] - logp[i, t].detach())
                 per.append(-torch.minimum(r * a(t), torch.clamp(r, 1 - clip_low, 1 + clip_high) * a(t)))
+        if weights is not None:
+            per = [p * weights[i, t] for p, t in zip(per, toks)]
         if kl_coef:
             per = [p + kl_coef * (torch.exp(ref[i, t] - logp[i, t]) - (ref[i, t] - logp[i, t]) - 1) for p, t in zip(per, toks)]
+        if entropy_coef:
+            per = [p - entropy_coef * entropy[i, t] for p, t in zip(per, toks)]
         token_losses += per
         if agg == "seq-mean-token-mean":
             seq_losses.append(sum(per) / len(toks))
@@ -123,6 +130,98 @@ def test_policy_loss_matches_loop_reference(ratio, agg, kl_coef, token_adv):
     assert torch.allclose(a.grad, b.grad, atol=1e-10)
     assert (a.grad[mask == 0] == 0).all()
     assert 0 < stats["clip_frac"] < 1 and stats["ratio_max"] > 1
+
+
+@pytest.mark.parametrize("ratio,agg", [("token", "token-mean"), ("token", "seq-mean-token-mean"),
+                                       ("sequence", "seq-mean-token-sum-norm")])
+def test_importance_weights_and_entropy_bonus_match_the_loop_reference(ratio, agg):
+    """--tis-cap's weights scale the surrogate alone; --entropy-coef subtracts the entropy;
+    values and gradients (of log-probs and entropies) against _ref_loss's loops."""
+    g = torch.Generator().manual_seed(4)
+    mask = _mask()
+    old = -torch.rand(N, T, generator=g, dtype=torch.float64) * 3
+    sampler = old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.5
+    weights = tis_weights(old, sampler, 1.5)
+    for i in range(N):  # the weights, by a loop: min(exp(old - sampler), cap)
+        for t in range(T):
+            assert abs(weights[i, t].item() - min(math.exp(old[i, t].item() - sampler[i, t].item()), 1.5)) < 1e-12
+    assert (weights == 1.5).any() and (weights < 1).any()
+    base = old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.3
+    ent = torch.rand(N, T, generator=g, dtype=torch.float64) * 2
+    ref = old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.2
+    adv = torch.randn(N, T, generator=g, dtype=torch.float64)
+    a, ea = base.clone().requires_grad_(), ent.clone().requires_grad_()
+    loss, stats = policy_loss(a, old, adv, mask, ratio=ratio, agg=agg, ref_logp=ref, kl_coef=0.1, entropy=ea,
+                              entropy_coef=0.03, weights=weights, max_length=12)
+    loss.backward()
+    b, eb = base.clone().requires_grad_(), ent.clone().requires_grad_()
+    expected = _ref_loss(b, old, adv, mask, 0.2, 0.2, ratio, agg, ref, 0.1, 12, weights=weights, entropy=eb,
+                         entropy_coef=0.03)
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-10)
+    assert torch.allclose(a.grad, b.grad, atol=1e-10) and torch.allclose(ea.grad, eb.grad, atol=1e-10)
+    assert (ea.grad[mask > 0] < 0).all()  # descent raises the entropy
+    assert abs(stats["entropy"] - (ent * mask).sum() / mask.sum()) < 1e-9
+
+
+def test_entropy_bonus_gradients_through_the_model_match_a_loop_reference():
+    """sequence_logprobs' entropies carry their gradient to the weights: -c x mean entropy at
+    temperature 0.7, against entropies of softmax(logits / 0.7) written out per token."""
+    _, ids, att, resp = _padded_batch()
+    grads = []
+    for ours in (True, False):
+        lm = new_tiny_model(seed=3, vocab_size=40)
+        if ours:
+            out = sequence_logprobs(lm, ids, att, resp, entropy=True, temperature=0.7)
+            loss, _ = policy_loss(out.logp, out.logp.detach(), torch.zeros_like(resp), resp, entropy=out.entropy,
+                                  entropy_coef=0.05)
+        else:
+            logits = lm(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
+            terms = []
+            for i in range(ids.shape[0]):
+                for t in range(1, ids.shape[1]):
+                    if resp[i, t]:
+                        p = (logits[i, t - 1] / 0.7).softmax(-1)
+                        terms.append(-(p * p.log()).sum())
+            loss = -0.05 * sum(terms) / len(terms)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
+    (ours_loss, ours_grad), (ref_loss, ref_grad) = grads
+    assert torch.allclose(ours_loss, ref_loss, atol=1e-6)
+    for name in ref_grad:
+        assert torch.allclose(ours_grad[name], ref_grad[name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_the_trainer_s_log_probs_are_those_the_sampler_drew_from(temperature):
+    """The same weights in fp32: the old pass's log-probs (sequence_logprobs at the sampling
+    temperature) equal, token for token, the log-probs sample() returned; the untempered
+    log-probs (what the trainer computed before it took the temperature) do not."""
+    lm = new_tiny_model(seed=3).eval()
+    prompts = [[5, 9, 11, 7], [6, 8]]
+    out = sample(lm, prompts, 24, temperature=temperature, num_samples=3, generator=torch.Generator().manual_seed(0))
+    ids, att, resp, start = pack_rollouts(prompts, out.tokens, 0, "cpu")
+    with torch.no_grad():
+        tempered = sequence_logprobs(lm, ids, att, resp, start=start, temperature=temperature).logp
+        raw = sequence_logprobs(lm, ids, att, resp, start=start).logp
+    for k, drawn in enumerate(out.logprobs):
+        got = tempered[k, start:start + len(drawn)]
+        assert torch.allclose(got, torch.tensor(drawn), atol=2e-5), k
+    sampled = torch.tensor([x for drawn in out.logprobs for x in drawn])
+    assert (raw[resp > 0] - sampled).abs().mean() > 0.01
+
+
+def test_with_top_p_the_trainer_keeps_the_unfiltered_tempered_distribution():
+    """The documented choice (README): top-k / top-p filter the sampler only. The trainer's log-prob
+    of a drawn token is its tempered, unfiltered one, never above the sampler's renormalised one."""
+    lm = new_tiny_model(seed=3).eval()
+    prompts = [[5, 9, 11, 7]]
+    out = sample(lm, prompts, 24, temperature=0.7, top_p=0.9, num_samples=4, generator=torch.Generator().manual_seed(0))
+    ids, att, resp, start = pack_rollouts(prompts, out.tokens, 0, "cpu")
+    with torch.no_grad():
+        trainer = sequence_logprobs(lm, ids, att, resp, start=start, temperature=0.7).logp
+    sampled = torch.tensor([x for drawn in out.logprobs for x in drawn])
+    assert (trainer[resp > 0] <= sampled + 1e-5).all() and (trainer[resp > 0] < sampled - 1e-3).any()
 
 
 def test_policy_loss_kl_is_minimised_and_stats():

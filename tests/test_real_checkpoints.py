@@ -1,7 +1,8 @@
 """The real-checkpoint path on CPU, with the same code a GPU run uses: hub names, activation
-checkpointing, bf16 rollouts, resuming, stopping under torchrun, crash-safe checkpoints, EOS
-lists, multi-node threads, and the whole `torchrun ... --mode clipo --bf16 --grad-checkpointing`
-run on a random Qwen2-shaped model with the real 151,936-token vocabulary (tests/qwen_like.py)."""
+checkpointing, bf16 rollouts, resuming, stopping under torchrun, crash-safe checkpoints,
+multi-node threads, and the whole `torchrun ... --mode clipo --bf16 --grad-checkpointing` run on a
+random Qwen2-shaped model with the real 151,936-token vocabulary and Qwen's real tokenizer
+(tests/qwen_like.py; skipped without the files)."""
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ import rl
 import train
 from run import build_run
 from model import TinyTokenizer, new_tiny_model, save_model
-from tests.qwen_like import SPECIALS, save_qwen_like
+from tests.qwen_like import save_qwen_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -64,10 +65,11 @@ def _layer_forwards_in_update(run):
     """Calls of the decoder layers' MLPs during rl.update: a recomputed layer calls its MLP again
     (a pre-hook: torch stops a recompute as soon as the saved tensors it needs exist, before the
     MLP returns)."""
-    r, _ = rl.roll_out(run, [train.countdown.Problem((3, 4, 5, 6), 18)] * 2, step=0, keep=2)
+    r, _, _ = rl.roll_out(run, 0, keep=2)
     rl.old_pass(run, r, hidden=False)
     rl.score(run, r, 0)
     r.advantages = torch.randn(r.response.shape, generator=torch.Generator().manual_seed(0))
+    r.loss_mask = r.response
     calls = []
     for layer in run.model.model.layers:
         layer.mlp.register_forward_pre_hook(lambda *_: calls.append(run.model.training))
@@ -90,7 +92,7 @@ def test_no_forward_asks_for_every_layer_or_every_position(tiny, tmp_path):
     run.model.lm_head.register_forward_hook(lambda m, inputs, out: seen.append(tuple(inputs[0].shape)))
     run.model.model.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs.get("output_hidden_states")), with_kwargs=True)
-    r, _ = rl.roll_out(run, [train.countdown.Problem((3, 4, 5, 6), 18)], step=0, keep=1)
+    r, _, _ = rl.roll_out(run, 0, keep=1)
     # sampling: one position per row ([rows, 1, hidden] from the model's forward, [rows, hidden] from our step)
     assert seen and not [s for s in seen if isinstance(s, tuple) and len(s) == 3 and s[1] != 1]
     seen.clear()
@@ -113,7 +115,7 @@ def test_bf16_rollouts_sample_from_a_refreshed_bf16_copy(tiny, tmp_path):
     with torch.no_grad():
         for p in run.model.parameters():
             p.add_(0.01)
-    rl.roll_out(run, [train.countdown.Problem((3, 4, 5, 6), 18)], step=0, keep=1)
+    rl.roll_out(run, 0, keep=1)
     assert keys and set(keys) == {torch.bfloat16}  # the KV cache is written in bf16
     for mine, copy_ in zip(run.model.parameters(), run.rollout_model.parameters()):
         assert torch.equal(copy_, mine.to(torch.bfloat16))  # refreshed before the rollouts
@@ -123,7 +125,9 @@ def test_in_training_eval_uses_the_rollout_precision(tiny, tmp_path, monkeypatch
     run = _build(tiny, tmp_path, "--bf16")
     used = []
     monkeypatch.setattr(train, "evaluate", lambda model, *a, **k: used.append(next(model.parameters()).dtype)
-                        or {"success_rate": 0.0, "solved": [0.0], "texts": [""], "failure_kinds": ["no block"]})
+                        or {"success_rate": 0.0, "solved": [0.0], "texts": [""], "failure_kinds": ["no block"],
+                            "failures": dict.fromkeys(train.answers.FAILURES, 0.0), "solved_with_errors": 0.0,
+                            "search": dict.fromkeys(train.answers.SEARCH_COUNTS, 0.0)})
     os.makedirs(run.args.out, exist_ok=True)
     train.heldout_success(run, [train.countdown.Problem((3, 4, 5, 6), 18)], 0)
     assert used == [torch.bfloat16]
@@ -231,14 +235,7 @@ def test_a_run_directory_stands_for_its_latest_checkpoint(tiny, tmp_path):
     assert checkpoint.resolve_model_path(str(tiny / "model")) == str(tiny / "model")
 
 
-# 9. EOS lists, 10. multi-node threads --------------------------------------------------------
-
-def test_every_end_of_sequence_id_is_used(tmp_path):
-    lm = save_qwen_like(tmp_path / "q", layers=1)
-    tok = models.load_tokenizer(str(tmp_path / "q"))
-    assert type(tok).__name__ == "Qwen2Tokenizer"
-    assert models.eos_token_ids(lm, tok) == sorted([SPECIALS["<|im_end|>"], SPECIALS["<|endoftext|>"]])
-
+# 9. EOS lists (tests/test_qwen_tokenizer.py), 10. multi-node threads --------------------------------------------------------
 
 def test_threads_are_shared_per_node_not_per_job(monkeypatch):
     monkeypatch.setattr(distributed.os, "cpu_count", lambda: 8)
@@ -262,7 +259,8 @@ sys.exit(code)
 """
 
 
-def test_torchrun_clipo_on_a_qwen_shaped_model_with_the_real_vocabulary(tmp_path):
+def test_torchrun_clipo_on_a_qwen_shaped_model_with_the_real_vocabulary(qwen_tokenizer, tmp_path):
+    """README's command with Qwen's real tokenizer: LongProc prompts through its chat template."""
     save_qwen_like(tmp_path / "qwen")
     (tmp_path / "peak.py").write_text(PEAK)
     out = tmp_path / "run"

@@ -82,6 +82,7 @@ def test_two_processes_equal_one(setup):
     double = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
                   + _args(setup, setup / "double", 2))
     assert double.returncode == 0, double.stderr[-2000:]
+    assert "Warning" not in double.stderr, double.stderr[-2000:]  # a default run prints no deprecation warnings
     spawned = _run([sys.executable] + _args(setup, setup / "spawned", 2)[:-2] + ["--procs", "2"])  # no torchrun
     assert spawned.returncode == 0, spawned.stderr[-2000:]
     a, b = _metrics(setup / "single"), _metrics(setup / "double")

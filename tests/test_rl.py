@@ -1,0 +1,152 @@
+"""rl.py's options against independent references: --mask-truncated against the same update on
+the batch without the cut rollouts, the sampling rounds against the rounds drawn one by one,
+--normalise-terms against a loop, and the trainer's log-probs in a run at other temperatures."""
+import json
+import math
+import types
+
+import pytest
+import torch
+
+import cli
+import countdown
+import pseudo_outcome
+import rl
+import run as run_module
+import train
+from model import TinyTokenizer, new_tiny_model, save_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
+    return root
+
+
+def _run(model_dir, out, *flags):
+    args = train.parse_args(["--model", str(model_dir / "model"), "--out", str(model_dir / out), "--procs", "1",
+                             "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "30",
+                             "--lr", "1e-2", *flags])
+    torch.set_num_threads(1)
+    return run_module.build_run(args, 0, 1, torch.device("cpu"))[0]
+
+
+def _rollouts(run, step=0):
+    r, _, _ = rl.roll_out(run, step, keep=run.args.prompts_per_step)
+    rl.old_pass(run, r, hidden=False)
+    return r
+
+
+def _rows(r, rows):
+    """The Rollouts of these rows only (a reference batch built by hand)."""
+    idx = torch.tensor(rows)
+    return rl.Rollouts(problems=[r.problems[i] for i in rows], tokens=[r.tokens[i] for i in rows],
+                       texts=[r.texts[i] for i in rows], ids=r.ids[idx], attention=r.attention[idx],
+                       response=r.response[idx], start=r.start, finished=[r.finished[i] for i in rows],
+                       sampler_logp=r.sampler_logp[idx], old_logp=r.old_logp[idx], advantages=r.advantages[idx],
+                       loss_mask=r.response[idx])
+
+
+def test_mask_truncated_trains_as_if_the_cut_rollouts_were_not_in_the_batch(model_dir):
+    """One update with --mask-truncated has the gradient of the update on the batch without the
+    rollouts cut by the budget, their advantages kept as the whole group gave them (gradients, not
+    weights, are compared: Adam's first step turns a 1e-9 difference into a sign)."""
+    flags = ("--minibatches", "1", "--no-shared-prompt", "--max-new-tokens", "12", "--temperature", "1.5")
+    run = _run(model_dir, "masked", *flags, "--mask-truncated")
+    r = _rollouts(run)
+    finished = [i for i, done in enumerate(r.finished) if done]
+    assert 0 < len(finished) < len(r.finished)
+    r.advantages = torch.randn(r.response.shape, generator=torch.Generator().manual_seed(0))[:, :1].expand_as(r.response)
+    r.loss_mask = rl.loss_mask(r, True)
+    rl.update(run, r)
+    reference = _run(model_dir, "reference", *flags)
+    rl.update(reference, _rows(r, finished))
+    for mine, theirs in zip(run.model.parameters(), reference.model.parameters()):
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-7, rtol=1e-4)
+    unmasked = _run(model_dir, "unmasked", *flags)
+    r.loss_mask = r.response
+    rl.update(unmasked, r)
+    assert any((a.grad - b.grad).abs().max() > 1e-4 for a, b in zip(unmasked.model.parameters(), run.model.parameters()))
+
+
+def test_sampling_rounds_go_on_until_enough_groups_have_signal(model_dir, monkeypatch):
+    """roll_out against the rounds drawn one at a time (sample_round): it stops at the first
+    round after which `keep` groups have signal, or at --max-sample-rounds, and trains on the
+    groups with signal first, in drawn order."""
+    monkeypatch.setattr(countdown, "verify", pseudo_outcome.verify)
+    run = _run(model_dir, "rounds", "--max-sample-rounds", "4", "--prompts-per-step", "8")
+    checked = set()
+    for step in range(6):
+        r, flat_frac, rounds = rl.roll_out(run, step, keep=8)
+        drawn = [rl.sample_round(run, step, k) for k in range(4)]
+        signal = [sum(not f for f in d["flat"]) for d in drawn]
+        expected = next((k + 1 for k in range(4) if sum(signal[:k + 1]) >= 8), 4)
+        assert rounds == expected
+        flat = [f for d in drawn[:expected] for f in d["flat"]]
+        problems = [p for d in drawn[:expected] for p in d["problems"]]
+        chosen = rl.choose_groups(flat, 8)
+        assert r.problems[::4] == [problems[g] for g in chosen]
+        assert flat_frac == pytest.approx(sum(flat) / len(flat))
+        checked.add(expected)
+    assert len(checked) > 1  # steps that needed different numbers of rounds
+    one = _run(model_dir, "one-round")  # --max-sample-rounds 1: the problems of the first round alone
+    assert rl.roll_out(one, 0, keep=4)[0].problems[::4] == rl.draw_problems(one, 0, 0)
+
+
+def test_normalise_terms_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    group, n = 4, 12
+    correct = (torch.rand(n, generator=g) > 0.5).float()
+    bonuses = {"critic": 0.5 * torch.rand(n, generator=g), "clipo": -0.2 * torch.rand(n, generator=g)}
+    bonuses["critic"][4:8] = 0.3  # a group whose bonus does not vary
+    args = types.SimpleNamespace(normalise_terms=True, no_scale_adv=False, format_reward=0.0, group_size=group,
+                                 critic_coef=0.5, clipo_lambda=0.2)
+    run = types.SimpleNamespace(args=args, device=torch.device("cpu"))
+    r = types.SimpleNamespace(correct=correct, formatted=torch.zeros(n), bonuses=bonuses,
+                              reward=correct + sum(bonuses.values()), step_rewards=torch.zeros(n, 3))
+    got = rl.advantages(run, r)[:, 0]
+
+    def norm(values):
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return [0.0 if max(values) == min(values) else (v - mean) / (std + 1e-6) for v in values]
+    for k in range(0, n, group):
+        expected = norm(correct[k:k + group].tolist())
+        for name, weight in (("critic", 0.5), ("clipo", 0.2)):
+            expected = [e + weight * b for e, b in zip(expected, norm(bonuses[name][k:k + group].tolist()))]
+        assert torch.allclose(got[k:k + group], torch.tensor(expected), atol=1e-5), k
+    args.normalise_terms = False  # off: one normalisation of the summed reward, as before
+    summed = [x for k in range(0, n, group) for x in norm(r.reward[k:k + group].tolist())]
+    assert torch.allclose(rl.advantages(run, r)[:, 0], torch.tensor(summed), atol=1e-5)
+
+
+def _last_row(out):
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f][-1]
+
+
+@pytest.mark.parametrize("flags,gap", [(("--temperature", "0.7"), 1e-5), (("--temperature", "1.3"), 1e-5),
+                                       (("--temperature", "0.7", "--bf16"), 0.1)])
+def test_a_run_s_old_log_probs_are_the_sampler_s(model_dir, flags, gap):
+    """The logged sampler_logp_gap: ~0 in fp32 at any temperature; with --bf16 rollouts it
+    measures the bf16 copy's difference (README's figure)."""
+    out = model_dir / ("gap" + "".join(flags).replace("-", "_"))
+    result = cli.run(train.main, ["--model", model_dir / "model", "--out", out, "--steps", 1, "--prompts-per-step", 4,
+                                  "--group-size", 4, "--max-new-tokens", 30, "--eval-every", 5, "--eval-problems", 4,
+                                  "--procs", 1, *flags])
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = _last_row(out)
+    assert row["sampler_logp_gap"] < gap and row["sample_rounds"] == 1
+    if "--bf16" in flags:
+        assert row["sampler_logp_gap"] > 1e-4
+
+
+def test_top_k_reaches_the_sampler(model_dir):
+    """--top-k 1 samples greedily: every group's rollouts are the same, so no group has signal."""
+    out = model_dir / "topk"
+    result = cli.run(train.main, ["--model", model_dir / "model", "--out", out, "--steps", 1, "--prompts-per-step", 4,
+                                  "--group-size", 4, "--max-new-tokens", 30, "--eval-every", 5, "--eval-problems", 4,
+                                  "--procs", 1, "--top-k", "1"], outcome=pseudo_outcome.verify)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _last_row(out)["zero_adv_frac"] == 1.0

@@ -118,6 +118,17 @@ def potential_credit(values, initial):
     return credits
 
 
+def dead_end_charges(values, solved):
+    """A charge for each dead end a search that solves writes: -(1 - V(s)) / n on each of its n
+    written states (an oracle dead end, V = 0, charged 1 / n), so the charges of a solved rollout
+    sum to minus the share of its states that are dead, at most 1; a rollout that does not solve
+    is never charged. Per rollout [(offset, reward)]. Why only solved ones: under a binding budget
+    a failed search and a guess both earn 0, and a guess writes few states; a charge on every
+    rollout's dead ends paid the policy to stop searching (README, "Dense credit on the testbed")."""
+    return [[(s.offset, -(1.0 - s.value) / len(vs)) for s in vs] if ok and vs else []
+            for vs, ok in zip(values, solved)]
+
+
 def token_rewards(credits, tokens, tokenizer, width):
     """Per rollout [(char offset, reward)] -> rewards [N, width] on the token that finishes writing
     each offset's character, and the mask of those positions; column j is response token j."""
@@ -163,12 +174,12 @@ def reward_term(name, metrics, needs_hidden=False, weight=_unit_weight):
 
 
 
-STATE_METRICS = {"bonus_mean": "sequence credit: mean state value per rollout",
+STATE_METRICS = {"bonus_mean": "sequence / prune credit: mean bonus per rollout, before beta",
                  "states_per_rollout": "states scored per rollout",
-                 "step_reward_sum": "process/move/potential credit: step rewards per rollout, before beta"}
+                 "step_reward_sum": "process/move/potential/prune-steps credit: step rewards per rollout, before beta"}
 
 
-CREDITS = ("sequence", "process", "move", "potential")
+CREDITS = ("sequence", "process", "move", "potential", "prune", "prune-steps")
 
 
 def state_credit(run, rollouts, values, initial):
@@ -177,18 +188,26 @@ def state_credit(run, rollouts, values, initial):
     process: each value is a step reward on the token that finishes its state, normalised over
         the group's steps (so dead ends are charged against the group's mean);
     move: beta x move_credit on those tokens (the best state per depth; dead ends free);
-    potential: beta x potential_credit on those tokens (V(s') - V(s) in writing order).
+    potential: beta x potential_credit on those tokens (V(s') - V(s) in writing order);
+    prune: beta x the sum of dead_end_charges joins a solved rollout's reward (minus the share of
+        its states that are dead ends; nothing for a rollout that does not solve);
+    prune-steps: beta x dead_end_charges on the tokens that finish each state of a solved rollout.
     Step rewards become advantages as rewards-to-go (rl.py)."""
     args = run.args
     metrics = {"states_per_rollout": sum(len(v) for v in values) / len(values)}
-    if args.critic_credit == "sequence":
-        bonus = sequence_credit(values)
+    if args.critic_credit in ("sequence", "prune"):
+        if args.critic_credit == "sequence":
+            bonus = sequence_credit(values)
+        else:
+            bonus = torch.tensor([sum(r for _, r in cs) for cs in dead_end_charges(values, rollouts.correct.tolist())])
         metrics["bonus_mean"] = bonus.mean().item()
         return args.critic_coef * bonus, None, metrics
     if args.critic_credit == "process":
         credits = [[(s.offset, s.value) for s in vs] for vs in values]
     elif args.critic_credit == "move":
         credits = move_credit(values)
+    elif args.critic_credit == "prune-steps":
+        credits = dead_end_charges(values, rollouts.correct.tolist())
     else:
         credits = potential_credit(values, initial)
     width = rollouts.ids.shape[1] - rollouts.start

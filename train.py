@@ -203,7 +203,7 @@ def check_args(args, world):
         elif (args.prompts_per_step // world) % args.minibatches:
             problems.append(f"{args.prompts_per_step // world} prompts per process do not split into "
                             f"--minibatches {args.minibatches}")
-        if args.ratio == "geometric" and parts & {"critic", "oracle"} and args.critic_credit != "sequence":
+        if args.ratio == "geometric" and parts & {"critic", "oracle"} and args.critic_credit not in ("sequence", "prune"):
             problems.append(f"--ratio geometric (GMPO) needs one advantage per sequence, but --critic-credit "
                             f"{args.critic_credit} gives per-token advantages: use sequence credit or another --ratio")
     elif args.batch_size % world:

@@ -1,5 +1,6 @@
 """rewards.py: state values, sequence and process credit, character offsets -> token positions,
 checked on hand-computed cases."""
+import pytest
 import torch
 
 import answers
@@ -173,3 +174,61 @@ def test_a_guess_never_out_earns_a_search_that_goes_on():
     rl.score(types.SimpleNamespace(args=train.parse_args([]), terms=()), r, step=0)
     assert r.reward.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert answers.failure(P.nums, P.target, guess, True) == "guess"
+
+
+def _four_rollouts():
+    """A group of four answers to P: the reference search (solved, dead ends written), the same
+    search with every move the oracle calls dead left out (solved, pruned), a guess after a
+    search that missed, and a search cut by the budget."""
+    head, block = TRACE.split("<Solution>")
+    moves = [line for line in head.split("\n")[1:] if line]
+    written = answers.read_search(P.nums, P.target, head)
+    pruned = "\n".join([head.split("\n")[0]] + [m for m, w in zip(moves, written) if w.reaches]) + "\n<Solution>" + block
+    guess = head.replace("26+20=46|46\n", "") + "<Solution>\n21 + 16 = 37\n37 + 17 = 54\n54 - 26 = 28\n</Solution>\n"
+    texts = {"dead ends": TRACE, "pruned": pruned, "guess": guess, "out of budget": head[:60]}
+    assert [answers.failure(P.nums, P.target, t, k != "out of budget") for k, t in texts.items()] == \
+        ["solved", "solved", "guess", "out of tokens"]
+    return texts
+
+
+def _returns(credit, beta):
+    """Each rollout's return through rl.score and rl.advantages, the group normalisation applied:
+    the advantage of its first response token (outcome + the rewards-to-go of every step)."""
+    import types
+    import grpo
+    import rl
+    import train
+    texts, tok = _four_rollouts(), TinyTokenizer()
+    args = train.parse_args(["--mode", "oracle", "--critic-credit", credit, "--critic-coef", str(beta),
+                             "--group-size", "4"])
+    run = types.SimpleNamespace(args=args, terms=("oracle",), tokenizer=tok, device=torch.device("cpu"))
+    tokens = [tok.encode(t) + [tok.eos_token_id] for t in texts.values()]
+    ids, attention, response, start = grpo.pack_rollouts([[5, 6]], tokens, tok.pad_token_id, "cpu")
+    r = rl.Rollouts(problems=[P] * 4, tokens=tokens, texts=list(texts.values()), ids=ids, attention=attention,
+                    response=response, start=start, finished=[True, True, True, False])
+    rl.score(run, r, step=0)
+    return dict(zip(texts, rl.advantages(run, r)[:, start].tolist()))
+
+
+@pytest.mark.parametrize("credit", ["prune", "prune-steps"])
+@pytest.mark.parametrize("beta", [0.1, 0.3, 0.5])
+def test_the_prune_credits_cannot_be_won_without_solving(credit, beta):
+    """A guess never out-earns a search that runs out of budget, and a solved search that writes
+    dead ends never out-earns the same search without them (README, "Dense credit on the testbed")."""
+    earned = _returns(credit, beta)
+    assert earned["guess"] <= earned["out of budget"] + 1e-6
+    assert earned["dead ends"] < earned["pruned"]
+    assert min(earned["dead ends"], earned["pruned"]) > max(earned["guess"], earned["out of budget"])
+
+
+def test_move_and_potential_credit_pay_a_guess_more_than_a_search_cut_by_the_budget():
+    """What the README reports of the earlier credits, through the same group: before it guessed,
+    the missed search wrote a live 2-number state ([20, 26]) as its last state, while the cut
+    search's last state is a dead leaf. Move credit pays the best state of each depth (2 live
+    levels against 1), potential credit V(last) - V(first) (0 against -1): both pay the guess."""
+    for credit in ("move", "potential"):
+        earned = _returns(credit, 0.5)
+        assert earned["guess"] > earned["out of budget"], credit
+    for credit in ("sequence", "process"):
+        earned = _returns(credit, 0.5)
+        assert earned["guess"] <= earned["out of budget"] + 1e-6 and earned["dead ends"] < earned["pruned"], credit

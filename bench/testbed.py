@@ -1,0 +1,118 @@
+"""The testbed's acceptance table: SFT + GRPO against SFT alone at the same minutes, over seeds.
+
+    python bench/testbed.py --seeds 0 1 2            # ~2 hours a seed on 2 cores; resumes where it stopped
+    python bench/testbed.py --seeds 0 --json runs/testbed.json
+
+Per seed S, in runs/testbed/s<S>/ (a finished run is reused, a stopped one resumed):
+  sft        python train.py --mode sft --seed S                    the warm start (default flags)
+  grpo       python train.py --mode grpo --seed S --model sft       RL from it (default flags)
+  sft-alone  python train.py --mode sft --seed S --steps N          the same SFT given the pipeline's minutes
+  sft-every  python train.py --mode sft --seed S --steps N --skip 0 the noiseless demonstrator, the same minutes
+N is the SFT steps the pipeline's wall time holds: 1,000 x (SFT + GRPO minutes) / SFT minutes,
+each run's minutes taken from its own wall clock (timings.json; measure on an idle machine).
+Both baselines run their own cosine schedule over all N steps: SFT alone at its strongest, not
+a warm start continued through a second warm-up.
+Printed: held-out success (1,000 problems, greedy, the RL budget) per seed, the mean with a t
+interval over seeds, each row's paired difference to SFT + GRPO (over seeds; over problems in
+brackets), then what RL changed (the means over seeds of the held-out searches' counts,
+answers.SEARCH_COUNTS, and failure kinds, at the warm start and after RL) and GRPO's held-out
+curve. --json OUT writes the same as bench/rl_modes.py's --json, plus "changed" and "minutes".
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import answers  # noqa: E402
+from checkpoint import latest_checkpoint, load_state  # noqa: E402
+from rl_modes import print_table, read_jsonl, solved_at, summarise  # noqa: E402
+
+CHANGED = [*(f"heldout/{key}" for key in answers.SEARCH_COUNTS), "heldout/solved_with_errors",
+           *(f"heldout/failed_{kind.replace(' ', '_')}" for kind in answers.FAILURES[1:])]
+
+
+def finished(out):
+    found = latest_checkpoint(out, say=lambda *a, **k: None)
+    return found is not None and load_state(found)["finished"]
+
+
+def train(out, flags):
+    """Run train.py into `out` (resumed when it holds a checkpoint) unless it finished; its wall
+    seconds are kept in <out>/timings.json (a resumed run adds its own)."""
+    timings = os.path.join(out, "timings.json")
+    if finished(out):
+        with open(timings) as f:
+            return json.load(f)["seconds"]
+    before = 0.0
+    if os.path.exists(timings):
+        with open(timings) as f:
+            before = json.load(f)["seconds"]
+    resume = ["--resume"] if latest_checkpoint(out, say=lambda *a, **k: None) else []
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out, *resume]
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True)
+    seconds = before + time.time() - start
+    with open(timings, "w") as f:
+        json.dump({"seconds": seconds}, f)
+    return seconds
+
+
+def final_step(out):
+    return max(r["step"] for r in read_jsonl(os.path.join(out, "heldout.jsonl")))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default=os.path.join("runs", "testbed"))
+    ap.add_argument("--json", help="write the table here")
+    args = ap.parse_args()
+    runs = {"SFT + GRPO": {}, "SFT alone, same minutes": {}, "SFT on every move, same minutes": {}, "warm start": {}}
+    minutes = {}
+    for seed in args.seeds:
+        base = os.path.join(args.out, f"s{seed}")
+        warm, rl = os.path.join(base, "sft"), os.path.join(base, "grpo")
+        t_sft = train(warm, ["--mode", "sft", "--seed", str(seed)])
+        t_rl = train(rl, ["--mode", "grpo", "--seed", str(seed), "--model", warm])
+        steps = round(1000 * (t_sft + t_rl) / t_sft)
+        alone, every = os.path.join(base, "sft-alone"), os.path.join(base, "sft-every")
+        train(alone, ["--mode", "sft", "--seed", str(seed), "--steps", str(steps)])
+        train(every, ["--mode", "sft", "--seed", str(seed), "--steps", str(steps), "--skip", "0"])
+        minutes[seed] = {"sft": t_sft / 60, "grpo": t_rl / 60, "baseline_steps": steps}
+        runs["SFT + GRPO"][seed], runs["warm start"][seed] = rl, warm
+        runs["SFT alone, same minutes"][seed], runs["SFT on every move, same minutes"][seed] = alone, every
+    table = summarise(runs, lambda out: solved_at(out, final_step(out)))
+    print("\nheld-out success (1,000 problems, greedy, the RL budget); intervals 95%; minutes per seed: "
+          + ", ".join(f"s{s}: SFT {m['sft']:.1f} + GRPO {m['grpo']:.1f} (baselines {m['baseline_steps']} SFT steps)"
+                      for s, m in minutes.items()) + "\n")
+    print_table(table, args.seeds)
+    changed = {}
+    for key in CHANGED:
+        at = {}
+        for when, step in (("warm start", 0), ("after GRPO", None)):
+            values = [[r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if key in r][-1 if step is None else 0][key]
+                      for out in runs["SFT + GRPO"].values()]
+            at[when] = sum(values) / len(values)
+        changed[key] = at
+    print("\nwhat RL changed (held-out answers, mean over seeds)\n\n| | warm start | after GRPO |\n|---|---|---|")
+    for key, at in changed.items():
+        print(f"| {key} | {at['warm start']:.3f} | {at['after GRPO']:.3f} |")
+    curves = [{r["step"]: r["heldout/success_rate"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))
+               if "heldout/success_rate" in r} for out in runs["SFT + GRPO"].values()]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    print("\nGRPO's held-out curve (mean over seeds): "
+          + ", ".join(f"{s}: {100 * sum(c[s] for c in curves) / len(curves):.1f}" for s in steps))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"table": table, "changed": changed, "minutes": minutes}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

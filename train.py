@@ -108,7 +108,7 @@ def parse_args(argv=None):
                     help="steps between groups of rollouts written to rollouts.jsonl (default: --eval-every)")
     # SFT
     ap.add_argument("--batch-size", type=int, default=32, help="SFT sequences per step (global)")
-    ap.add_argument("--skip", type=float, default=0.25,
+    ap.add_argument("--skip", type=float, default=0.1,
                     help="each written move of a demonstration is passed over with this probability, blind to the "
                          "target (countdown.search_trace); 0: the reference search, every move")
     ap.add_argument("--cut", type=int, help="demonstrations are cut at this many tokens (default: 2x the RL budget)")
@@ -140,7 +140,8 @@ def parse_args(argv=None):
     ap.add_argument("--clip-low", type=float, default=0.2)
     ap.add_argument("--clip-high", type=float, default=0.28)
     ap.add_argument("--ratio", choices=grpo.RATIOS, default="token")
-    ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="token-mean")
+    ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="seq-mean-token-mean",
+                    help="how token losses add up (README: seq-mean-token-mean measured +2.7 points over token-mean)")
     ap.add_argument("--no-scale-adv", action="store_true", help="mean-centre advantages only (Dr. GRPO)")
     ap.add_argument("--kl-coef", type=float, default=0.0)
     ap.add_argument("--format-reward", type=float, default=0.0,

@@ -9,9 +9,11 @@ Per seed S, in runs/testbed/s<S>/ (a finished run is reused, a stopped one resum
   sft-alone  python train.py --mode sft --seed S --steps N          the same SFT given the pipeline's minutes
   sft-every  python train.py --mode sft --seed S --steps N --skip 0 the noiseless demonstrator, the same minutes
 N is the SFT steps the pipeline's wall time holds: 1,000 x (SFT + GRPO minutes) / SFT minutes,
-each run's minutes taken from its own wall clock (timings.json; measure on an idle machine).
-Both baselines run their own cosine schedule over all N steps: SFT alone at its strongest, not
-a warm start continued through a second warm-up.
+each run's minutes taken from its own wall clock (timings.json), so nothing else should run
+beside the warm start and GRPO. The two baselines then run side by side (one process and one
+thread each; their own minutes do not count), evaluated every 500 steps. Both run their own
+cosine schedule over all N steps: SFT alone at its strongest, not a warm start continued
+through a second warm-up.
 Printed: held-out success (1,000 problems, greedy, the RL budget) per seed, the mean with a t
 interval over seeds, each row's paired difference to SFT + GRPO (over seeds; over problems in
 brackets), then what RL changed (the means over seeds of the held-out searches' counts,
@@ -41,26 +43,34 @@ def finished(out):
     return found is not None and load_state(found)["finished"]
 
 
-def train(out, flags):
-    """Run train.py into `out` (resumed when it holds a checkpoint) unless it finished; its wall
-    seconds are kept in <out>/timings.json (a resumed run adds its own)."""
-    timings = os.path.join(out, "timings.json")
-    if finished(out):
-        with open(timings) as f:
-            return json.load(f)["seconds"]
-    before = 0.0
-    if os.path.exists(timings):
-        with open(timings) as f:
-            before = json.load(f)["seconds"]
-    resume = ["--resume"] if latest_checkpoint(out, say=lambda *a, **k: None) else []
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out, *resume]
-    print("$", " ".join(cmd), flush=True)
-    start = time.time()
-    subprocess.run(cmd, check=True)
-    seconds = before + time.time() - start
-    with open(timings, "w") as f:
-        json.dump({"seconds": seconds}, f)
-    return seconds
+def train(*runs):
+    """Run train.py for each (out, flags), side by side (each then gets one process and one
+    thread: their timings do not count), resumed when `out` holds a checkpoint, unless it
+    finished. A run alone keeps train.py's defaults; its wall seconds go to <out>/timings.json
+    (a resumed run adds its own). Returns each run's seconds."""
+    alone = len(runs) == 1
+    started = []
+    for out, flags in runs:
+        if finished(out):
+            continue
+        resume = ["--resume"] if latest_checkpoint(out, say=lambda *a, **k: None) else []
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out, *resume,
+               *(() if alone else ("--procs", "1"))]
+        env = dict(os.environ) if alone else {**os.environ, "OMP_NUM_THREADS": "1"}
+        print("$", " ".join(cmd), flush=True)
+        started.append((out, time.time(), subprocess.Popen(cmd, env=env)))
+    for out, start, process in started:
+        if process.wait():
+            sys.exit(f"error: {out} failed (exit {process.returncode})")
+        before = seconds_of(out) if os.path.exists(os.path.join(out, "timings.json")) else 0.0
+        with open(os.path.join(out, "timings.json"), "w") as f:
+            json.dump({"seconds": before + time.time() - start}, f)
+    return [seconds_of(out) for out, _ in runs]
+
+
+def seconds_of(out):
+    with open(os.path.join(out, "timings.json")) as f:
+        return json.load(f)["seconds"]
 
 
 def final_step(out):
@@ -78,12 +88,12 @@ def main():
     for seed in args.seeds:
         base = os.path.join(args.out, f"s{seed}")
         warm, rl = os.path.join(base, "sft"), os.path.join(base, "grpo")
-        t_sft = train(warm, ["--mode", "sft", "--seed", str(seed)])
-        t_rl = train(rl, ["--mode", "grpo", "--seed", str(seed), "--model", warm])
+        (t_sft,) = train((warm, ["--mode", "sft", "--seed", str(seed)]))
+        (t_rl,) = train((rl, ["--mode", "grpo", "--seed", str(seed), "--model", warm]))
         steps = round(1000 * (t_sft + t_rl) / t_sft)
         alone, every = os.path.join(base, "sft-alone"), os.path.join(base, "sft-every")
-        train(alone, ["--mode", "sft", "--seed", str(seed), "--steps", str(steps)])
-        train(every, ["--mode", "sft", "--seed", str(seed), "--steps", str(steps), "--skip", "0"])
+        baseline = ["--mode", "sft", "--seed", str(seed), "--steps", str(steps), "--eval-every", "500"]
+        train((alone, baseline), (every, baseline + ["--skip", "0"]))
         minutes[seed] = {"sft": t_sft / 60, "grpo": t_rl / 60, "baseline_steps": steps}
         runs["SFT + GRPO"][seed], runs["warm start"][seed] = rl, warm
         runs["SFT alone, same minutes"][seed], runs["SFT on every move, same minutes"][seed] = alone, every

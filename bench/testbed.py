@@ -29,7 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.append(os.path.join(ROOT, "bench"))  # after the project: bench/countdown.py must not shadow countdown
 import answers  # noqa: E402
 from checkpoint import latest_checkpoint, load_state  # noqa: E402
 from rl_modes import print_table, read_jsonl, solved_at, summarise  # noqa: E402

@@ -90,7 +90,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="run directory (default runs/<mode>)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, help="optimizer steps (default: 1000 SFT, 250 RL)")
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: 1500 SFT, 250 RL)")
     ap.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 SFT, 1e-4 RL)")
     ap.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine to 10%%")
     ap.add_argument("--weight-decay", type=float, default=0.0)
@@ -175,7 +175,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     sft = args.mode == "sft"
     args.out = args.out or (DEFAULT_MODEL if sft else os.path.join("runs", args.mode.replace("+", "-")))
-    args.steps = args.steps or (1000 if sft else 250)
+    args.steps = args.steps or (1500 if sft else 250)
     args.lr = args.lr or (3e-3 if sft else 1e-4)
     args.eval_every = args.eval_every or (250 if sft else 25)
     args.log_rollouts_every = args.log_rollouts_every or args.eval_every

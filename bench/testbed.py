@@ -8,7 +8,8 @@ Per seed S, in runs/testbed/s<S>/ (a finished run is reused, a stopped one resum
   grpo       python train.py --mode grpo --seed S --model sft       RL from it (default flags)
   sft-alone  python train.py --mode sft --seed S --steps N          the same SFT given the pipeline's minutes
   sft-every  python train.py --mode sft --seed S --steps N --skip 0 the noiseless demonstrator, the same minutes
-N is the SFT steps the pipeline's wall time holds: 1,000 x (SFT + GRPO minutes) / SFT minutes,
+N is the SFT steps the pipeline's wall time holds: the warm start's steps x (SFT + GRPO minutes) /
+SFT minutes,
 each run's minutes taken from its own wall clock (timings.json), so nothing else should run
 beside the warm start and GRPO. The two baselines then run side by side (one process and one
 thread each; their own minutes do not count), evaluated every 500 steps. Both run their own
@@ -90,7 +91,7 @@ def main():
         warm, rl = os.path.join(base, "sft"), os.path.join(base, "grpo")
         (t_sft,) = train((warm, ["--mode", "sft", "--seed", str(seed)]))
         (t_rl,) = train((rl, ["--mode", "grpo", "--seed", str(seed), "--model", warm]))
-        steps = round(1000 * (t_sft + t_rl) / t_sft)
+        steps = round(final_step(warm) * (t_sft + t_rl) / t_sft)
         alone, every = os.path.join(base, "sft-alone"), os.path.join(base, "sft-every")
         baseline = ["--mode", "sft", "--seed", str(seed), "--steps", str(steps), "--eval-every", "500"]
         train((alone, baseline), (every, baseline + ["--skip", "0"]))

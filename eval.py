@@ -152,7 +152,9 @@ def plot(paths, out):
         except (OSError, json.JSONDecodeError) as e:
             sys.exit(f"{path}: cannot read metrics ({e})")
     panels = [k for k in ("heldout/success_rate", "success_rate", "reward_mean", "loss", "kl", "response_length_mean",
-                          "entropy") if any(k in r for rows in runs.values() for r in rows)]
+                          "entropy", "heldout/lines", "heldout/leaf_misses", "heldout/skipped_dead",
+                          "heldout/process_errors", "heldout/failed_guess", "heldout/failed_out_of_tokens")
+              if any(k in r for rows in runs.values() for r in rows)]
     if not panels:
         sys.exit(f"no known metric in {', '.join(paths)}")
     cols = min(4, len(panels))

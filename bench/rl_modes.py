@@ -5,7 +5,7 @@
     python bench/rl_modes.py --modes grpo clipo --steps 40 --common "--prompts-per-step 8" --plot runs/modes.png
 
 Each (mode, seed) runs `python train.py --mode ... --seed S --steps N --out runs/modes/<name>-s<S>`
-from the default warm start; a finished run there is reused and a stopped one resumed, so the
+from the default warm start (or --model DIR); a finished run there is reused and a stopped one resumed, so the
 script picks up after an interruption. Per mode: the final held-out success (greedy, the same
 held-out problems for every run) of each seed, their mean with a 95% t interval over seeds,
 and the paired difference to the first mode: per seed, the mean over problems of (mode - first)
@@ -14,9 +14,10 @@ seeds (training noise included), and, in brackets, the interval over problems al
 evaluation's noise; what a single seed could claim). --json OUT writes
 {mode: {"seeds": {seed: success}, "mean": m, "ci": [lo, hi], "diff": d, "diff_ci": [lo, hi],
 "diff_ci_problems": [lo, hi], "warm_start": w, "curve": {step: mean success}, "ood": {the same
-for --ood}}}. --ood (default tiny-ood: the tiny model's numbers, targets 51..99, above any target
-it trains on) evaluates each run's final checkpoint on that preset's held-out problems too
-(greedy; cached in the run directory): the generalisation column.
+for --ood}}}. --ood (default tiny-wide: numbers 1..12, so two-digit inputs the tiny model never
+saw as inputs; tiny-ood's targets 51..99 are out of its reach altogether) evaluates each run's
+final checkpoint on that preset's held-out problems too (greedy; cached in the run directory):
+the generalisation column.
 """
 import argparse
 import json
@@ -71,8 +72,10 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=40, help="RL steps per run (9 runs of 40: ~1 hour on 2 cores)")
     ap.add_argument("--out", default=os.path.join("runs", "modes"))
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="the warm start every run starts from (the default one is "
+                    "trained first when missing)")
     ap.add_argument("--common", default="--eval-every 20", help="flags for every run, quoted (e.g. a smaller budget)")
-    ap.add_argument("--ood", default="tiny-ood", help="preset of the out-of-distribution held-out set ('' for none)")
+    ap.add_argument("--ood", default="tiny-wide", help="preset of the out-of-distribution held-out set ('' for none)")
     ap.add_argument("--ood-problems", type=int, default=1000)
     ap.add_argument("--json", help="write the table (and mean curves) here")
     ap.add_argument("--plot", help="also draw each mode's mean held-out curve into this PNG (needs matplotlib)")
@@ -87,7 +90,8 @@ def main():
             if not finished(out, args.steps):
                 resume = ["--resume"] if latest_checkpoint(out, say=lambda *a, **k: None) else []
                 cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--mode", mode, *flags, "--seed", str(seed),
-                       "--steps", str(args.steps), "--out", out, *shlex.split(args.common), *resume]
+                       "--steps", str(args.steps), "--out", out, *shlex.split(args.common), *resume,
+                       *(["--model", args.model] if args.model != DEFAULT_MODEL else [])]  # the default: trained if missing
                 print("$", " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True)
             runs[name][seed] = out
@@ -100,7 +104,7 @@ def main():
     if args.ood:
         ood = summarise(runs, lambda out: ood_solved(out, args.ood, args.ood_problems))
         print(f"\nout of distribution: {args.ood_problems} held-out {args.ood} problems {countdown.PRESETS[args.ood]} "
-              f"(greedy); warm start {100 * sum(ood_solved(check_model_dir(DEFAULT_MODEL), args.ood, args.ood_problems)) / args.ood_problems:.1f}%\n")
+              f"(greedy); warm start {100 * sum(ood_solved(check_model_dir(args.model), args.ood, args.ood_problems)) / args.ood_problems:.1f}%\n")
         print_table(ood, args.seeds)
         for name in table:
             table[name]["ood"] = {k: v for k, v in ood[name].items() if k != "warm_start"}

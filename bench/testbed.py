@@ -11,7 +11,8 @@ Per seed S, in runs/testbed/s<S>/ (a finished run is reused, a stopped one resum
 N is the SFT steps the pipeline's wall time holds: the warm start's steps x (SFT + GRPO minutes) /
 SFT minutes,
 each run's minutes taken from its own wall clock (timings.json), so nothing else should run
-beside the warm start and GRPO. The two baselines then run side by side (one process and one
+beside the warm start and GRPO; or --baseline-steps N, measured once that way (then the other
+seeds may run beside other work). The two baselines then run side by side (one process and one
 thread each; their own minutes do not count), evaluated every 500 steps. Both run their own
 cosine schedule over all N steps: SFT alone at its strongest, not a warm start continued
 through a second warm-up.
@@ -83,6 +84,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=os.path.join("runs", "testbed"))
     ap.add_argument("--json", help="write the table here")
+    ap.add_argument("--baseline-steps", type=int,
+                    help="the baselines' SFT steps, measured once (a seed whose pipeline ran on an idle machine); "
+                         "default: each seed's own minutes")
     args = ap.parse_args()
     runs = {"SFT + GRPO": {}, "SFT alone, same minutes": {}, "SFT on every move, same minutes": {}, "warm start": {}}
     minutes = {}
@@ -91,7 +95,7 @@ def main():
         warm, rl = os.path.join(base, "sft"), os.path.join(base, "grpo")
         (t_sft,) = train((warm, ["--mode", "sft", "--seed", str(seed)]))
         (t_rl,) = train((rl, ["--mode", "grpo", "--seed", str(seed), "--model", warm]))
-        steps = round(final_step(warm) * (t_sft + t_rl) / t_sft)
+        steps = args.baseline_steps or round(final_step(warm) * (t_sft + t_rl) / t_sft)
         alone, every = os.path.join(base, "sft-alone"), os.path.join(base, "sft-every")
         baseline = ["--mode", "sft", "--seed", str(seed), "--steps", str(steps), "--eval-every", "500"]
         train((alone, baseline), (every, baseline + ["--skip", "0"]))

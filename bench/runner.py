@@ -1,0 +1,333 @@
+"""Fill a plan of runs side by side, keep each finished run in results/, render the tables from them.
+
+    python bench/runner.py run robust --jobs 2                 # this machine's CPU, one thread per run
+    python bench/runner.py run robust --device cuda --jobs 12 --minutes 9 --archive $OUT/results.tar.gz
+    python bench/runner.py run smoke --jobs 2                  # a plan of tiny cells: a dry run in ~2 minutes
+    python bench/runner.py status robust                       # which cells are done, where
+    python bench/runner.py render                              # rewrite every table in README.md and docs/
+    python bench/runner.py render --check                      # exit 1 if a page differs from its render
+
+A cell is one `train.py` run: a warm start per seed (`warm`, the default SFT), an RL run from it
+(mode and flags), or an SFT-alone baseline. Its run directory is runs/cells/<place>/s<seed>/<cell>/
+(resumed when it stopped, reused when it finished); once it finishes, the runner evaluates the
+final model out of distribution (`tiny-wide`, 1,000 problems, greedy) and writes
+results/<place>/<cell>-s<seed>.json: the command and flags, commit, versions, machine, minutes and
+how many runs shared the machine, the held-out curve, which held-out problems were solved at the
+start and at the end (paired differences), the held-out search counts, the sampled rollouts' last
+metrics, and the OOD problems solved. <place> is `cpu` (a 2-core VM) or the GPU's short name:
+runs on different hardware are different draws and are never mixed in a row.
+
+`run` skips cells whose record exists, starts the others in the plan's order once their warm start
+has finished, `--jobs N` at a time (on CPU each gets one process and one thread: --jobs 1 keeps
+train.py's defaults, whose minutes are the ones a user sees), and with `--minutes M` stops
+launching a cell that would not finish by M (its time guessed from the finished cells of its kind)
+and stops the running ones at M (SIGTERM: train.py saves, a later `run` resumes). `--archive`
+packs the records and the warm starts' weights into one file to copy back.
+Tables: results.py renders them; each table in a page sits between `<!-- table NAME -->` and
+`<!-- /table -->`, and tests/test_results.py fails when one differs from its render.
+"""
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.append(os.path.join(ROOT, "bench"))  # after the project: bench/countdown.py must not shadow countdown
+
+RESULTS = os.path.join(ROOT, "results")
+OOD_PRESET, OOD_PROBLEMS = "tiny-wide", 1000
+SEEDS = (0, 1, 2)
+# Cells: name -> (train.py flags beyond --seed/--model/--out). "warm" is every RL cell's start.
+CELLS = {
+    "warm": ["--mode", "sft"],
+    "grpo-rounds1": ["--mode", "grpo", "--max-sample-rounds", "1"],  # train.py's RL defaults, named by what varies
+    "grpo-rounds4": ["--mode", "grpo", "--max-sample-rounds", "4"],
+    "grpo-rounds4-mask": ["--mode", "grpo", "--max-sample-rounds", "4", "--mask-truncated"],
+    "grpo-rounds4-g16": ["--mode", "grpo", "--max-sample-rounds", "4", "--group-size", "16", "--prompts-per-step", "8"],
+    "grpo-rounds4-t12": ["--mode", "grpo", "--max-sample-rounds", "4", "--temperature", "1.2"],
+    "grpo-rounds4-kl": ["--mode", "grpo", "--max-sample-rounds", "4", "--kl-coef", "0.02"],
+    "grpo-rounds4-lr2": ["--mode", "grpo", "--max-sample-rounds", "4", "--lr", "2e-4"],
+    "grpo-rounds4-500": ["--mode", "grpo", "--max-sample-rounds", "4", "--steps", "500", "--eval-every", "50"],
+    "oracle-prune": ["--mode", "oracle", "--critic-credit", "prune", "--critic-coef", "0.3", "--max-sample-rounds", "1"],
+    "oracle-prune-rounds4": ["--mode", "oracle", "--critic-credit", "prune", "--critic-coef", "0.3",
+                             "--max-sample-rounds", "4"],
+    "clipo-rounds4": ["--mode", "clipo", "--max-sample-rounds", "4"],
+    # SFT alone for the pipeline's minutes: its own cosine schedule over all N steps, the noisy
+    # demonstrator and the reference search (every move); N from a 2-core run's minutes (docs/testbed.md)
+    "sft-alone-2964": ["--mode", "sft", "--steps", "2964", "--eval-every", "500"],
+    "sft-every-2964": ["--mode", "sft", "--steps", "2964", "--eval-every", "500", "--skip", "0"],
+    # the dry run's cells: the pipeline's shape in ~2 minutes of 2 CPU cores
+    "smoke-warm": ["--mode", "sft", "--steps", "30", "--eval-every", "30", "--eval-problems", "50"],
+    "smoke-grpo": ["--mode", "grpo", "--steps", "3", "--eval-every", "3", "--eval-problems", "50",
+                   "--prompts-per-step", "4", "--max-new-tokens", "48"],
+}
+WARM_OF = {"smoke-grpo": "smoke-warm"}  # an RL cell's warm start when it is not "warm"
+PLANS = {  # cells in priority order, each for every seed of the plan
+    "smoke": (["smoke-warm", "smoke-grpo"], (0, 1)),
+    "robust": (["warm", "grpo-rounds1", "grpo-rounds4", "grpo-rounds4-mask", "sft-alone-2964", "sft-every-2964",
+                "grpo-rounds4-g16", "grpo-rounds4-t12", "grpo-rounds4-kl", "grpo-rounds4-lr2", "oracle-prune-rounds4",
+                "grpo-rounds4-500", "oracle-prune", "clipo-rounds4"], SEEDS),
+}
+
+
+def place(device):
+    """Where runs happen, as a folder name: `cpu`, or the GPU's short name (h200)."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+    return torch.cuda.get_device_name().split()[-1].lower()
+
+
+def record_path(where, cell, seed):
+    return os.path.join(RESULTS, where, f"{cell}-s{seed}.json")
+
+
+def run_dir(where, cell, seed):
+    return os.path.join(ROOT, "runs", "cells", where, f"s{seed}", cell)
+
+
+def is_rl(cell):
+    return "--mode" in CELLS[cell] and CELLS[cell][CELLS[cell].index("--mode") + 1] != "sft"
+
+
+def command(where, cell, seed, alone):
+    flags = [*CELLS[cell], "--seed", str(seed), "--out", run_dir(where, cell, seed)]
+    if is_rl(cell):
+        flags += ["--model", run_dir(where, WARM_OF.get(cell, "warm"), seed)]
+    if not alone:
+        flags += ["--procs", "1"]
+    return [sys.executable, os.path.join(ROOT, "train.py"), *flags]
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def relative(value):
+    """A path inside the project as the project sees it (records travel between machines)."""
+    return os.path.relpath(value, ROOT) if isinstance(value, str) and value.startswith(ROOT) else value
+
+
+def git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def machine(device):
+    import torch
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+
+
+def write_record(where, cell, seed, device, cmd, seconds, beside):
+    """The finished run's record (results/<where>/<cell>-s<seed>.json), OOD evaluation included."""
+    import torch
+    import transformers
+    import countdown
+    from checkpoint import check_model_dir, read_args
+    from eval import evaluate
+    from model import load_model, load_tokenizer
+    out = run_dir(where, cell, seed)
+    metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    evals = [r for r in metrics if "heldout/success_rate" in r]
+    solved = {r["step"]: r["solved"] for r in read_jsonl(os.path.join(out, "heldout.jsonl"))}
+    first, last = evals[0]["step"], evals[-1]["step"]
+    sampled = [r for r in metrics if "success_rate" in r][-25:]  # RL: the last 25 steps' rollouts
+    path = check_model_dir(out)
+    ood = evaluate(load_model(path, device=device), load_tokenizer(path), countdown.heldout_problems(OOD_PROBLEMS, OOD_PRESET))
+    record = {
+        "cell": cell, "seed": seed, "place": where, "command": [relative(c) for c in cmd[1:]],
+        "flags": {k: relative(v) for k, v in read_args(out).items()},
+        "commit": git("rev-parse", "HEAD") or os.environ.get("RUNNER_COMMIT", ""), "dirty": bool(git("status", "--porcelain", "--", "*.py")),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "machine": machine(device), "runs_beside": beside, "minutes": round(seconds / 60, 2), "steps": last,
+        "curve": {str(r["step"]): r["heldout/success_rate"] for r in evals},
+        "solved_start": solved[first], "solved_end": solved[last], "start_step": first,
+        "heldout_start": {k[8:]: v for k, v in evals[0].items() if k.startswith("heldout/")},
+        "heldout_end": {k[8:]: v for k, v in evals[-1].items() if k.startswith("heldout/")},
+        "rollouts_last25": {k: sum(r[k] for r in sampled) / len(sampled) for k in sampled[-1]
+                            if k not in ("step", "lr") and all(k in r for r in sampled)} if sampled else {},
+        "ood": {"preset": OOD_PRESET, "solved": "".join(str(int(s)) for s in ood["solved"])},
+    }
+    os.makedirs(os.path.dirname(record_path(where, cell, seed)), exist_ok=True)
+    tmp = record_path(where, cell, seed) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, record_path(where, cell, seed))
+
+
+def run_cell(args):
+    """`runner.py cell`: one cell in a process of its own: train.py (resumed if it stopped), then,
+    once it finished, the record (the OOD evaluation loads the model: the runner stays light).
+    A SIGTERM reaches train.py (the same process group), which saves and stops; this waits for
+    it and keeps the seconds it ran for the resumed run's total."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    out = run_dir(args.where, args.cell, args.seed)
+    cmd = command(args.where, args.cell, args.seed, args.jobs == 1)
+    before = 0.0
+    if os.path.exists(os.path.join(out, "latest")):
+        cmd.append("--resume")
+        with open(os.path.join(out, "seconds.json")) as f:
+            before = json.load(f)["seconds"]
+    began = time.time()
+    code = subprocess.call(cmd, cwd=ROOT)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "seconds.json"), "w") as f:
+        json.dump({"seconds": before + time.time() - began}, f)
+    if code or not finished(out):
+        sys.exit(code or 3)
+    write_record(args.where, args.cell, args.seed, args.device, cmd, before + time.time() - began, args.jobs)
+
+
+def run_plan(args):
+    cells, seeds = PLANS[args.plan]
+    where = place(args.device)
+    todo = [(c, s) for c in cells for s in seeds if not os.path.exists(record_path(where, c, s))]
+    env = {**os.environ, **({} if args.jobs == 1 else {"OMP_NUM_THREADS": "1"}),
+           **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
+    start, running, took = time.time(), {}, {}
+    deadline = start + 60 * args.minutes if args.minutes else None
+    print(f"{args.plan} on {where}: {len(todo)} of {len(cells) * len(seeds)} cells to run, {args.jobs} at a time",
+          flush=True)
+
+    def ready(cell, seed):
+        return not is_rl(cell) or os.path.exists(record_path(where, WARM_OF.get(cell, "warm"), seed))
+
+    def fits(cell):  # the longest finished cell of its kind as the guess; none finished: try
+        guess = max(took.get("rl" if is_rl(cell) else cell, [0.0]))
+        return deadline is None or time.time() + guess < deadline - 15
+
+    def say(text):
+        print(f"{(time.time() - start) / 60:5.1f} min  {text}", flush=True)
+
+    stopped = False
+    while todo or running:
+        for cell, seed in list(todo):
+            if len(running) < args.jobs and not stopped and ready(cell, seed) and fits(cell):
+                os.makedirs(run_dir(where, cell, seed), exist_ok=True)
+                log = open(os.path.join(run_dir(where, cell, seed), "runner.log"), "a")
+                proc = subprocess.Popen([sys.executable, __file__, "cell", where, cell, str(seed), "--device",
+                                         args.device, "--jobs", str(args.jobs)], env=env, stdout=log,
+                                        stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+                running[(cell, seed)] = [proc, time.time(), 0]
+                todo.remove((cell, seed))
+                say(f"start {cell} s{seed}")
+        if not running and todo and (stopped or not any(ready(c, s) and fits(c) for c, s in todo)):
+            break  # what is left cannot start: its warm start failed, or no time is left
+        time.sleep(1)
+        if deadline and time.time() > deadline and not stopped:
+            stopped = True
+            for proc, _, _ in running.values():
+                os.killpg(proc.pid, signal.SIGTERM)  # train.py saves and exits: a later run resumes it
+            say(f"--minutes {args.minutes} reached: stopping {len(running)} runs")
+        for key, (proc, began, beside) in list(running.items()):
+            running[key][2] = max(beside, len(running))
+            if proc.poll() is None:
+                continue
+            del running[key]
+            cell, seed = key
+            if proc.returncode:
+                say(f"stopped {cell} s{seed} (exit {proc.returncode}; "
+                    f"{os.path.relpath(run_dir(where, cell, seed), ROOT)}/runner.log)")
+                continue
+            with open(record_path(where, cell, seed)) as f:
+                record = json.load(f)
+            record["runs_beside"] = max(beside, 1)  # the most cells that ran at once during this one
+            with open(record_path(where, cell, seed), "w") as f:
+                json.dump(record, f, indent=1)
+            took.setdefault("rl" if is_rl(cell) else cell, []).append(time.time() - began)
+            say(f"done {cell} s{seed}: {record['minutes']:.1f} min, up to {record['runs_beside']} runs at once")
+    if todo:
+        say(f"not run: {', '.join(f'{c} s{s}' for c, s in todo)}")
+    if args.archive:
+        pack(where, args.archive)
+
+
+def finished(out):
+    from checkpoint import latest_checkpoint, load_state
+    found = latest_checkpoint(out, say=lambda *a, **k: None)
+    return found is not None and load_state(found)["finished"]
+
+
+LOGS = ("metrics.jsonl", "heldout.jsonl", "rollouts.jsonl", "args.json", "runner.log", "seconds.json")
+
+
+def pack(where, archive):
+    """One file to copy back: the records, every cell's logs (what the policy wrote included), and
+    each finished warm start's final weights (what a later RL cell starts from)."""
+    from checkpoint import check_model_dir
+    with tarfile.open(archive, "w:gz") as tar:
+        if os.path.isdir(os.path.join(RESULTS, where)):
+            tar.add(os.path.join(RESULTS, where), arcname=os.path.join("results", where))
+        cells = os.path.join(ROOT, "runs", "cells", where)
+        for seed_dir in sorted(os.listdir(cells)) if os.path.isdir(cells) else []:
+            for cell in sorted(os.listdir(os.path.join(cells, seed_dir))):
+                out = os.path.join(cells, seed_dir, cell)
+                files = [os.path.join(out, name) for name in LOGS if os.path.exists(os.path.join(out, name))]
+                if cell == "warm" and finished(out):
+                    model = check_model_dir(out)
+                    files += [os.path.join(model, name) for name in os.listdir(model) if name != "trainer_state.pt"]
+                for path in files:
+                    tar.add(path, arcname=os.path.relpath(path, ROOT))
+    print(f"wrote {archive} ({os.path.getsize(archive) / 1e6:.1f} MB)")
+
+
+def status(args):
+    cells, seeds = PLANS[args.plan]
+    places = sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []
+    for where in places:
+        print(f"{where}:")
+        for cell in cells:
+            done = [s for s in seeds if os.path.exists(record_path(where, cell, s))]
+            print(f"  {cell:24s} {'seeds ' + ' '.join(map(str, done)) if done else '-'}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="verb", required=True)
+    run = sub.add_parser("run", help="fill a plan")
+    run.add_argument("plan", choices=sorted(PLANS))
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--jobs", type=int, default=1, help="runs side by side")
+    run.add_argument("--minutes", type=float, help="stop launching what would not finish by then; stop all at it")
+    run.add_argument("--archive", help="pack the records and warm starts into this .tar.gz at the end")
+    one = sub.add_parser("cell", help="one cell and its record (what `run` starts)")
+    one.add_argument("where")
+    one.add_argument("cell", choices=sorted(CELLS))
+    one.add_argument("seed", type=int)
+    one.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    one.add_argument("--jobs", type=int, default=1)
+    st = sub.add_parser("status", help="which cells of a plan have records")
+    st.add_argument("plan", choices=sorted(PLANS))
+    ren = sub.add_parser("render", help="rewrite the tables in README.md and docs/ from results/")
+    ren.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page differs")
+    args = ap.parse_args(argv)
+    if args.verb == "run":
+        if args.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                sys.exit("error: --device cuda: no GPU is visible to torch")
+        if args.jobs < 1:
+            sys.exit(f"error: --jobs {args.jobs}: at least one run at a time")
+        run_plan(args)
+    elif args.verb == "cell":
+        run_cell(args)
+    elif args.verb == "status":
+        status(args)
+    else:
+        import results
+        sys.exit(results.render_pages(check=args.check))
+
+
+if __name__ == "__main__":
+    main()

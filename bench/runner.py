@@ -70,7 +70,7 @@ CELLS = {
 WARM_OF = {"smoke-grpo": "smoke-warm"}  # an RL cell's warm start when it is not "warm"
 PLANS = {  # cells in priority order, each for every seed of the plan
     "smoke": (["smoke-warm", "smoke-grpo"], (0, 1)),
-    "robust": (["warm", "grpo-rounds1", "grpo-rounds4", "grpo-rounds4-mask", "sft-alone-2964", "sft-every-2964",
+    "robust": (["warm", "grpo-rounds4", "grpo-rounds1", "grpo-rounds4-mask", "sft-alone-2964", "sft-every-2964",
                 "grpo-rounds4-g16", "grpo-rounds4-t12", "grpo-rounds4-kl", "grpo-rounds4-lr2", "oracle-prune-rounds4",
                 "grpo-rounds4-500", "oracle-prune", "clipo-rounds4"], SEEDS),
 }
@@ -96,10 +96,22 @@ def is_rl(cell):
     return "--mode" in CELLS[cell] and CELLS[cell][CELLS[cell].index("--mode") + 1] != "sft"
 
 
+def warm_place(where):
+    """`cpu-warm-h200`: RL on this CPU from the warm starts an H200 trained (--warm h200)."""
+    return where.partition("-warm-")[2] or where
+
+
+def warm_model(where, cell, seed):
+    """The final weights of an RL cell's warm start: the newest checkpoint folder of its run (an
+    archive copied back holds the weights alone, without the optimizer state a resume needs)."""
+    folder = os.path.join(run_dir(warm_place(where), WARM_OF.get(cell, "warm"), seed), "checkpoints")
+    return os.path.join(folder, max(os.listdir(folder)))
+
+
 def command(where, cell, seed, alone):
     flags = [*CELLS[cell], "--seed", str(seed), "--out", run_dir(where, cell, seed)]
     if is_rl(cell):
-        flags += ["--model", run_dir(where, WARM_OF.get(cell, "warm"), seed)]
+        flags += ["--model", warm_model(where, cell, seed)]
     if not alone:
         flags += ["--procs", "1"]
     return [sys.executable, os.path.join(ROOT, "train.py"), *flags]
@@ -191,8 +203,9 @@ def run_cell(args):
 
 def run_plan(args):
     cells, seeds = PLANS[args.plan]
-    where = place(args.device)
-    todo = [(c, s) for c in cells for s in seeds if not os.path.exists(record_path(where, c, s))]
+    where = place(args.device) + (f"-warm-{args.warm}" if args.warm else "")
+    todo = [(c, s) for c in cells for s in seeds if not os.path.exists(record_path(where, c, s))
+            and (is_rl(c) or not args.warm)]
     env = {**os.environ, **({} if args.jobs == 1 else {"OMP_NUM_THREADS": "1"}),
            **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
     start, running, took = time.time(), {}, {}
@@ -201,7 +214,7 @@ def run_plan(args):
           flush=True)
 
     def ready(cell, seed):
-        return not is_rl(cell) or os.path.exists(record_path(where, WARM_OF.get(cell, "warm"), seed))
+        return not is_rl(cell) or os.path.exists(record_path(warm_place(where), WARM_OF.get(cell, "warm"), seed))
 
     def fits(cell):  # the longest finished cell of its kind as the guess; none finished: try
         guess = max(took.get("rl" if is_rl(cell) else cell, [0.0]))
@@ -300,6 +313,8 @@ def main(argv=None):
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--jobs", type=int, default=1, help="runs side by side")
     run.add_argument("--minutes", type=float, help="stop launching what would not finish by then; stop all at it")
+    run.add_argument("--warm", help="RL cells start from the warm starts of this place (e.g. h200, copied back "
+                     "from an archive); records go to results/<place>-warm-<WARM>/")
     run.add_argument("--archive", help="pack the records and warm starts into this .tar.gz at the end")
     one = sub.add_parser("cell", help="one cell and its record (what `run` starts)")
     one.add_argument("where")

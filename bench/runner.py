@@ -40,8 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "bench"))  # after the project: bench/countdown.py must not shadow countdown
 
-RESULTS = os.path.join(ROOT, "results")
-OOD_PRESET, OOD_PROBLEMS = "tiny-wide", 1000
+STORE = ROOT  # results/ and runs/cells/ go under this folder (--store; the project's own by default)
+OOD_PRESET = "tiny-wide"  # as many problems as the cell's held-out evaluation (1,000 by default)
 SEEDS = (0, 1, 2)
 # Cells: name -> (train.py flags beyond --seed/--model/--out). "warm" is every RL cell's start.
 CELLS = {
@@ -65,7 +65,7 @@ CELLS = {
     # the dry run's cells: the pipeline's shape in ~2 minutes of 2 CPU cores
     "smoke-warm": ["--mode", "sft", "--steps", "30", "--eval-every", "30", "--eval-problems", "50"],
     "smoke-grpo": ["--mode", "grpo", "--steps", "3", "--eval-every", "3", "--eval-problems", "50",
-                   "--prompts-per-step", "4", "--max-new-tokens", "48"],
+                   "--prompts-per-step", "4"],
 }
 WARM_OF = {"smoke-grpo": "smoke-warm"}  # an RL cell's warm start when it is not "warm"
 PLANS = {  # cells in priority order, each for every seed of the plan
@@ -85,11 +85,11 @@ def place(device):
 
 
 def record_path(where, cell, seed):
-    return os.path.join(RESULTS, where, f"{cell}-s{seed}.json")
+    return os.path.join(STORE, "results", where, f"{cell}-s{seed}.json")
 
 
 def run_dir(where, cell, seed):
-    return os.path.join(ROOT, "runs", "cells", where, f"s{seed}", cell)
+    return os.path.join(STORE, "runs", "cells", where, f"s{seed}", cell)
 
 
 def is_rl(cell):
@@ -125,8 +125,11 @@ def read_jsonl(path):
 
 
 def relative(value):
-    """A path inside the project as the project sees it (records travel between machines)."""
-    return os.path.relpath(value, ROOT) if isinstance(value, str) and value.startswith(ROOT) else value
+    """A path inside the store or the project as the project sees it (records travel between machines)."""
+    for folder in (STORE, ROOT):
+        if isinstance(value, str) and value.startswith(folder + os.sep):
+            return os.path.relpath(value, folder)
+    return value
 
 
 def git(*args):
@@ -155,7 +158,8 @@ def write_record(where, cell, seed, device, cmd, seconds, beside):
     first, last = evals[0]["step"], evals[-1]["step"]
     sampled = [r for r in metrics if "success_rate" in r][-25:]  # RL: the last 25 steps' rollouts
     path = check_model_dir(out)
-    ood = evaluate(load_model(path, device=device), load_tokenizer(path), countdown.heldout_problems(OOD_PROBLEMS, OOD_PRESET))
+    ood = evaluate(load_model(path, device=device), load_tokenizer(path),
+                   countdown.heldout_problems(read_args(out)["eval_problems"], OOD_PRESET))
     record = {
         "cell": cell, "seed": seed, "place": where, "command": [relative(c) for c in cmd[1:]],
         "flags": {k: relative(v) for k, v in read_args(out).items()},
@@ -229,8 +233,8 @@ def run_plan(args):
             if len(running) < args.jobs and not stopped and ready(cell, seed) and fits(cell):
                 os.makedirs(run_dir(where, cell, seed), exist_ok=True)
                 log = open(os.path.join(run_dir(where, cell, seed), "runner.log"), "a")
-                proc = subprocess.Popen([sys.executable, __file__, "cell", where, cell, str(seed), "--device",
-                                         args.device, "--jobs", str(args.jobs)], env=env, stdout=log,
+                proc = subprocess.Popen([sys.executable, __file__, "--store", STORE, "cell", where, cell, str(seed),
+                                         "--device", args.device, "--jobs", str(args.jobs)], env=env, stdout=log,
                                         stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
                 running[(cell, seed)] = [proc, time.time(), 0]
                 todo.remove((cell, seed))
@@ -280,9 +284,9 @@ def pack(where, archive):
     each finished warm start's final weights (what a later RL cell starts from)."""
     from checkpoint import check_model_dir
     with tarfile.open(archive, "w:gz") as tar:
-        if os.path.isdir(os.path.join(RESULTS, where)):
-            tar.add(os.path.join(RESULTS, where), arcname=os.path.join("results", where))
-        cells = os.path.join(ROOT, "runs", "cells", where)
+        if os.path.isdir(os.path.join(STORE, "results", where)):
+            tar.add(os.path.join(STORE, "results", where), arcname=os.path.join("results", where))
+        cells = os.path.join(STORE, "runs", "cells", where)
         for seed_dir in sorted(os.listdir(cells)) if os.path.isdir(cells) else []:
             for cell in sorted(os.listdir(os.path.join(cells, seed_dir))):
                 out = os.path.join(cells, seed_dir, cell)
@@ -291,13 +295,14 @@ def pack(where, archive):
                     model = check_model_dir(out)
                     files += [os.path.join(model, name) for name in os.listdir(model) if name != "trainer_state.pt"]
                 for path in files:
-                    tar.add(path, arcname=os.path.relpath(path, ROOT))
+                    tar.add(path, arcname=os.path.relpath(path, STORE))
     print(f"wrote {archive} ({os.path.getsize(archive) / 1e6:.1f} MB)")
 
 
 def status(args):
     cells, seeds = PLANS[args.plan]
-    places = sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []
+    folder = os.path.join(STORE, "results")
+    places = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     for where in places:
         print(f"{where}:")
         for cell in cells:
@@ -307,6 +312,7 @@ def status(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default=ROOT, help="the folder that holds results/ and runs/cells/ (default: the project)")
     sub = ap.add_subparsers(dest="verb", required=True)
     run = sub.add_parser("run", help="fill a plan")
     run.add_argument("plan", choices=sorted(PLANS))
@@ -327,6 +333,8 @@ def main(argv=None):
     ren = sub.add_parser("render", help="rewrite the tables in README.md and docs/ from results/")
     ren.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page differs")
     args = ap.parse_args(argv)
+    global STORE
+    STORE = os.path.abspath(args.store)
     if args.verb == "run":
         if args.device == "cuda":
             import torch

@@ -1,0 +1,96 @@
+"""results/ and the tables rendered from it: every table block in README.md and docs/ is exactly its
+render from the run records (no figure without its record), the renders compute what a hand
+computation of the same records gives, and the runner fills a plan, skips what has a record and
+resumes what it stopped."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import results  # noqa: E402
+import runner  # noqa: E402
+
+
+def test_every_table_in_the_pages_is_its_render():
+    assert results.render_pages(check=True) == 0, "run: python bench/runner.py render"
+
+
+def test_every_table_block_has_records():
+    for page in results.PAGES:
+        with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+            for _, name, body, _ in results.BLOCK.findall(f.read()):
+                assert body.count("\n") >= 3, f"{page}: table {name} renders no row (no records?)"
+
+
+def record(cell, seed, start, end, ood="0000", **heldout):
+    counts = {key: 0.0 for key, _ in results.CHANGES}
+    return {"cell": cell, "seed": seed, "solved_start": start, "solved_end": end, "minutes": 2.0,
+            "heldout_start": counts, "heldout_end": {**counts, **heldout}, "ood": {"solved": ood}}
+
+
+@pytest.fixture
+def fake_results(tmp_path, monkeypatch):
+    """Records of two seeds with 4 problems each, written where results.load reads them."""
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    records = [record("warm", 0, "0000", "1100", ood="0000"), record("warm", 1, "0000", "1000", ood="0000"),
+               record("grpo-rounds1", 0, "1100", "1110", ood="1000", failed_guess=0.25),
+               record("grpo-rounds1", 1, "1000", "1111", ood="1100", failed_guess=0.75),
+               record("sft-every-2964", 0, "0000", "1000"), record("sft-every-2964", 1, "0000", "1100")]
+    for r in records:
+        (folder / f"{r['cell']}-s{r['seed']}.json").write_text(json.dumps(r))
+    monkeypatch.setattr(results, "RESULTS", str(tmp_path))
+
+
+def test_robust_table_against_a_hand_computation(fake_results):
+    row = results.render("robust-lab").splitlines()[2].split(" | ")
+    # gains: seed 0 1100 -> 1110 = +25 points, seed 1 1000 -> 1111 = +75; mean +50
+    assert row[1].startswith("s0 +25.0") and "s1 +75.0" in row[1]
+    assert row[2].startswith("+50.0 [")
+    # t interval over two seeds: mean 50, sd 35.36, t(1) 12.706: +/- 317.7
+    lo, hi = (float(x) for x in row[2].split("[")[1].rstrip("] ").split(", "))
+    assert (lo, hi) == pytest.approx((50 - 12.706 * 35.355 / 2 ** 0.5, 50 + 12.706 * 35.355 / 2 ** 0.5), abs=0.1)
+    assert row[3] == "87.5%"  # final: 3/4 and 4/4
+    assert row[5] == "50.0%"  # guesses: mean of 0.25 and 0.75
+    assert row[7].startswith("+37.5 [")  # OOD: 0000 -> 1000 and 0000 -> 1100
+
+
+def test_testbed_table_against_a_hand_computation(fake_results):
+    lines = results.render("testbed-lab").splitlines()
+    warm, rl, every = (line.split(" | ") for line in lines[2:5])
+    assert warm[1:3] == ["50.0", "25.0"] and rl[1:3] == ["75.0", "100.0"] and every[1:3] == ["25.0", "50.0"]
+    assert every[4].startswith("-50.0 [")  # (25 - 75 and 50 - 100) / 2
+
+
+def test_a_page_that_differs_from_its_render_is_found(fake_results, tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text("x\n<!-- table testbed-lab -->\n| stale |\n<!-- /table -->\n")
+    monkeypatch.setattr(results, "ROOT", str(tmp_path))
+    monkeypatch.setattr(results, "PAGES", ["page.md"])
+    assert results.render_pages(check=True) == 1
+    assert results.render_pages() == 0 and results.render_pages(check=True) == 0
+    assert "| SFT warm start | 50.0 | 25.0 |" in page.read_text()
+
+
+def test_the_runner_fills_a_plan_skips_records_and_resumes(tmp_path, monkeypatch):
+    """The smoke plan (an SFT warm start, then RL from it, two seeds) in a folder of its own:
+    stopped by --minutes, then resumed to the end; each record names its command and seed, and a
+    third run starts nothing."""
+    monkeypatch.setattr(runner, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(runner, "ROOT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(runner, "PLANS", {"smoke": (["smoke-warm", "smoke-grpo"], (0,))})
+    runner.main(["run", "smoke", "--minutes", "0.3"])  # stops the warm start mid-way
+    assert not os.path.exists(runner.record_path("cpu", "smoke-warm", 0))
+    assert os.path.exists(os.path.join(runner.run_dir("cpu", "smoke-warm", 0), "latest"))
+    runner.main(["run", "smoke"])
+    warm = json.load(open(runner.record_path("cpu", "smoke-warm", 0)))
+    rl = json.load(open(runner.record_path("cpu", "smoke-grpo", 0)))
+    assert "--resume" in warm["command"] and warm["steps"] == 30 and warm["seed"] == 0
+    assert rl["solved_start"] == warm["solved_end"]  # RL started from the warm start's final weights
+    assert len(rl["ood"]["solved"]) == runner.OOD_PROBLEMS
+    before = os.path.getmtime(runner.record_path("cpu", "smoke-grpo", 0))
+    runner.main(["run", "smoke"])
+    assert os.path.getmtime(runner.record_path("cpu", "smoke-grpo", 0)) == before

@@ -52,6 +52,7 @@ from distributed import cpu_threads
 PLACES = 4              # digits per number; larger numbers are read as 9999 (never reachable anyway)
 EMPTY = 10              # the "no digit" symbol of a place beyond a number's length
 EVAL_PROBLEMS = 300     # held-out problems whose successor states make the evaluation pairs
+MAX_STATE = 8           # the largest state size a critic is calibrated for
 POOL_ROWS = 20_000      # rows kept per state size; each step adds FRESH_SEARCHES new searches
 FRESH_SEARCHES = 8
 
@@ -86,6 +87,8 @@ class Critic(nn.Module):
         self.state_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim))
         self.goal_head = nn.Sequential(nn.GELU(), nn.Linear(width, dim))
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # 1/tau, learned
+        # per state size (a, b) of p(reachable) = sigmoid(a * score + b) (`calibrate`); zeros: 0.5
+        self.register_buffer("calibration", torch.zeros(MAX_STATE + 1, 2))
 
     def phi(self, states, present):
         """states [B, K] (padded), present [B, K] bool -> unit vectors [B, dim]."""
@@ -99,6 +102,13 @@ class Critic(nn.Module):
     def logits(self, states, present, goals):
         """[B, B] scores of every state against every goal of the batch."""
         return self.phi(states, present) @ self.psi(goals).T * self.log_scale.exp()
+
+    @torch.no_grad()
+    def reachability(self, states, targets):
+        """Probability that each target can still be reached from its state: the score through the
+        logistic fit of its state size (`calibrate`); a size never calibrated says 0.5 (nothing known)."""
+        fits = self.calibration[torch.tensor([min(len(s), MAX_STATE) for s in states], dtype=torch.long)]
+        return torch.sigmoid(fits[:, 0] * self.score(states, targets) + fits[:, 1]).cpu()
 
     @torch.no_grad()
     def score(self, states, targets):
@@ -141,13 +151,18 @@ def check_file(path):
     return path
 
 
-def load(path):
-    """A trained Critic from a safetensors file written by `save`."""
+def load(path, preset="tiny"):
+    """A trained Critic from a safetensors file written by `save` (one written before critics
+    carried their calibration is calibrated on `preset`'s searches here)."""
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         config = json.loads(f.metadata()["config"])
     critic = Critic(**config)
-    critic.load_state_dict(load_file(path))
+    missing, _ = critic.load_state_dict(load_file(path), strict=False)
+    if missing == ["calibration"]:  # written before critics were calibrated: fit it now
+        calibrate(critic, calibration_rows(preset), preset)
+    elif missing:
+        critic.load_state_dict(load_file(path))  # the one-line error of a wrong file
     return critic.eval()
 
 
@@ -360,6 +375,7 @@ def train(minutes=10.0, steps=None, sampler="hindsight", preset="tiny", batch_si
                           f"held-out AUROC by state size {format_aurocs(aurocs)}")
     bar.close()
     critic.eval()
+    calibrate(critic, calibration_rows(preset, seed=seed + 1), preset)
     critic.trained = {"steps": step, "seconds": time.time() - start, "sampler": sampler, "preset": preset,
                       "log": history}
     return critic
@@ -370,6 +386,67 @@ def train(minutes=10.0, steps=None, sampler="hindsight", preset="tiny", batch_si
 
 ONLINE_LR = 1e-3        # AdamW during RL: half the offline peak, constant (the pool drifts with the policy)
 ONLINE_MIN_ROWS = 64    # no update before the pool holds a batch worth learning from
+
+
+# ---------------------------------------------------------------------------------------------
+# From scores to "can the target still be reached?"
+
+def hindsight_labels(rows, preset):
+    """(states, targets, labels) from rows (state, reached, target), no oracle: a row whose own
+    target is not in `reached` had its whole subtree searched (the reference search stops only on
+    its target), so `reached` is everything the state can reach; each such state is paired with
+    every target of the preset's range, reachable iff reached below it. Rows whose search stopped
+    on the target say nothing of the other targets and are left out."""
+    lo, hi = countdown.PRESETS[preset]["target_range"]
+    states, targets, labels = [], [], []
+    for state, reached, target in rows:
+        if target in reached:
+            continue
+        for t in range(lo, hi + 1):
+            states.append(tuple(state))
+            targets.append(t)
+            labels.append(float(t in reached))
+    return states, targets, labels
+
+
+@torch.no_grad()
+def calibrate(model, rows, preset, steps=300):
+    """Fit, per state size, p(reachable) = sigmoid(a * score + b) on hindsight_labels(rows) (a
+    logistic regression, full-batch Newton steps) and keep it on the model (`reachability`).
+    Why: InfoNCE scores rank goals for a state, they are no probability; the credits read values
+    as "can the target still be reached", as the oracle's 0/1. A size whose labels are all one
+    class is left uncalibrated."""
+    states, targets, labels = hindsight_labels(rows, preset)
+    scores = model.score(states, targets).cpu().double() if states else torch.zeros(0)
+    fits = {}
+    for size in sorted({len(s) for s in states}):
+        pick = torch.tensor([len(s) == size for s in states])
+        x, y = scores[pick], torch.tensor(labels, dtype=torch.double)[pick]
+        if y.min() == y.max():
+            continue
+        w = torch.zeros(2, dtype=torch.double)
+        X = torch.stack([x, torch.ones_like(x)], 1)
+        for _ in range(steps):  # Newton-Raphson with a small ridge: separable data stay finite
+            p = torch.sigmoid(X @ w)
+            grad = X.T @ (p - y) + 1e-3 * w
+            hess = X.T @ (X * (p * (1 - p))[:, None]) + 1e-3 * torch.eye(2, dtype=torch.double)
+            step = torch.linalg.solve(hess, grad)
+            w -= step
+            if step.abs().max() < 1e-8:
+                break
+        fits[size] = (w[0].item(), w[1].item())
+        model.calibration[size] = w.to(model.calibration)
+    return fits
+
+
+def calibration_rows(preset, searches=200, per_size=400, seed=0):
+    """Rows of `searches` reference searches of fresh random instances (the hindsight sampler's
+    data, never a held-out problem), at most `per_size` per state size, for `calibrate`."""
+    pool = SearchPool(random.Random(seed), "hindsight", preset, countdown.never_train_on(preset),
+                      capacity=per_size, fresh=0)
+    for _ in range(searches):
+        pool.add_search()
+    return [row for rows in pool.rows.values() for row in rows]
 
 
 def written_rows(nums, target, states):
@@ -425,6 +502,12 @@ class OnlineTrainer:
         loss = fit_batch(self.model, self.optimizer, *batch)
         self.model.eval()
         return loss.item()
+
+    def recalibrate(self):
+        """Fit the critic's calibration again on the pool's rows (the policy's own searches: a
+        subtree the policy skipped moves of is taken as searched, so its labels are noisier than
+        the reference search's)."""
+        calibrate(self.model, [row for rows in self.pool.rows.values() for row in rows[:400]], self.preset)
 
     def evaluate(self):
         """{state size: AUROC} against the exact oracle on held-out states (as the offline log)."""

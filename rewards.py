@@ -20,9 +20,8 @@ as "<term>/<name>" and documented by the dict given to `reward_term`). `run` is 
 flags are run.args), `rollouts` is rl.Rollouts, `step` the optimizer steps done.
 
 States. A state is a number set `answers.extract_states` finds in a completion. Its value is
-the exact oracle's 0/1 ("can the target still be reached from here?") or the critic's probability
-of the target against a bank of the other targets the problem distribution uses (a softmax over
-the critic's scores: higher when the state points at this target and few others).
+the exact oracle's 0/1 ("can the target still be reached from here?") or the critic's calibrated
+probability of the same (critic.reachability). A state that is not a legal move's result is worth 0.
 Imports: answers, countdown, critic (online rows), grpo, clipo (metric names), model (token offsets), distributed, torch.
 """
 import bisect
@@ -39,9 +38,6 @@ import grpo
 from distributed import all_gather_lists, seed_for
 from model import token_end_offsets
 
-TARGET_BANK = list(range(countdown.TARGET_RANGE[0], countdown.TARGET_RANGE[1] + 1))
-
-
 def outcome(problems, texts):
     """(correct, formatted): verify() and "a <Solution> block parses", as float tensors."""
     correct = [countdown.verify(p.nums, p.target, t) for p, t in zip(problems, texts)]
@@ -56,30 +52,40 @@ class State(NamedTuple):
 
 
 def values_of(states, targets, critic=None):
-    """The value of each (state, target): the exact oracle's 0/1 (critic=None), or the critic's
-    probability of the target against a bank of the distribution's targets (a softmax of its
-    scores: high when the state points at this target and few others)."""
+    """The value of each (state, target): "can the target still be reached from here?", as the
+    exact oracle's 0/1 (critic=None) or the critic's calibrated probability (critic.reachability:
+    its score through a logistic fit per state size on hindsight labels; an InfoNCE score itself
+    is no probability of reachability)."""
     if critic is None:
         return [float(countdown.solvable(s, t)) for s, t in zip(states, targets)]
-    if not states:
-        return []
-    bank = [sorted(set(TARGET_BANK) | {t}) for t in targets]
-    scores = critic.score([s for s, b in zip(states, bank) for _ in b], [x for b in bank for x in b]).tolist()
-    out, at = [], 0
-    for t, targets_of in zip(targets, bank):
-        out.append(torch.tensor(scores[at:at + len(targets_of)]).softmax(0)[targets_of.index(t)].item())
-        at += len(targets_of)
-    return out
+    return critic.reachability(states, targets).tolist() if states else []
 
 
 def state_values(problems, texts, critic=None):
-    """Per rollout, a State for every state it writes, in writing order."""
-    found = [answers.extract_states(t) for t in texts]
-    flat = [(k, o, s, p.target) for k, (p, states) in enumerate(zip(problems, found)) for o, s in states]
-    values = values_of([s for _, _, s, _ in flat], [t for *_, t in flat], critic)
-    out = [[] for _ in texts]
-    for (k, o, s, _), v in zip(flat, values):
-        out[k].append(State(o, len(s), v))
+    """Per rollout, a State for every state it writes, in writing order. A state that is not the
+    result of a legal move of the state it continues (answers.read_search: wrong arithmetic, a
+    number that was not there, a fabricated line) is worth 0, whatever its numbers: credit is
+    for states the search reached, never for writing the target down."""
+    found = [[(o, s, legal) for (o, s), legal in zip(answers.extract_states(t), legal_states(p, t))]
+             for p, t in zip(problems, texts)]
+    flat = [(k, o, s, p.target) for k, (p, states) in enumerate(zip(problems, found)) for o, s, legal in states
+            if legal]
+    values = iter(values_of([s for _, _, s, _ in flat], [t for *_, t in flat], critic))
+    return [[State(o, len(s), next(values) if legal else 0.0) for o, s, legal in states] for states in found]
+
+
+def legal_states(problem, text):
+    """For each state extract_states finds in `text`, in order: is it the child of a legal written
+    move? The states of a search are its moves' children, one each, in writing order."""
+    lines = iter(answers.read_search(problem.nums, problem.target, text))
+    line = next(lines, None)
+    out = []
+    for _, state in answers.extract_states(text):
+        if line is not None and tuple(state) == tuple(line.child):
+            out.append(line.legal)
+            line = next(lines, None)
+        else:
+            out.append(False)
     return out
 
 
@@ -199,7 +205,8 @@ def state_credit(run, rollouts, values, initial):
         if args.critic_credit == "sequence":
             bonus = sequence_credit(values)
         else:
-            bonus = torch.tensor([sum(r for _, r in cs) for cs in dead_end_charges(values, rollouts.correct.tolist())])
+            bonus = torch.tensor([sum(r for _, r in cs) for cs in dead_end_charges(values, rollouts.correct.tolist())],
+                                 dtype=torch.float)  # a group with nothing solved sums empty lists to int 0
         metrics["bonus_mean"] = bonus.mean().item()
         return args.critic_coef * bonus, None, metrics
     if args.critic_credit == "process":
@@ -254,6 +261,7 @@ def train_critic_online(run, rollouts, step):
     if loss is not None:
         metrics["online_loss"] = loss
     if (step + 1) % run.args.eval_every == 0 or step + 1 == run.args.steps:
+        run.critic_trainer.recalibrate()
         metrics.update({f"auroc_{k}": v for k, v in run.critic_trainer.evaluate().items()})
     return metrics
 

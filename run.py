@@ -126,7 +126,7 @@ def load_critic(args, rank, world):
             critic.save(critic.train(minutes=5.0, preset=args.preset, seed=args.seed), args.critic)
         if world > 1:
             dist.barrier()
-    return critic.load(args.critic)  # tiny, and it scores text on the host: it stays on the CPU
+    return critic.load(args.critic, args.preset)  # tiny, and it scores text on the host: it stays on the CPU
 
 
 def ddp(module):

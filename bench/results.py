@@ -44,6 +44,11 @@ def bits(text):
     return [int(c) for c in text]
 
 
+def rate(text):
+    """The success rate of a record's per-problem string ("0110...")."""
+    return sum(bits(text)) / len(text)
+
+
 def pct(x, signed=False):
     return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
 
@@ -82,7 +87,7 @@ def robust(found):
             d, lo, hi = paired_difference(bits(row[s]["solved_start"]), bits(row[s]["solved_end"]))
             per.append(f"s{s} {pct(d, True)}{interval(lo, hi)}")
         gain = over_seeds({s: (bits(row[s]["solved_start"]), bits(row[s]["solved_end"])) for s in seeds})
-        final = seed_interval([sum(bits(row[s]["solved_end"])) / 1000 for s in seeds])
+        final = seed_interval([rate(row[s]["solved_end"]) for s in seeds])
         common = [s for s in seeds if s in base]
         versus = "—" if cell == DEFAULT_CELL or not common else over_seeds(
             {s: (bits(base[s]["solved_end"]), bits(row[s]["solved_end"])) for s in common})
@@ -110,8 +115,8 @@ def testbed(found):
     for name, solved in rows:
         if not solved:
             continue
-        per = [pct(sum(bits(solved[s])) / 1000) if s in solved else "—" for s in seeds]
-        mean = seed_interval([sum(bits(solved[s])) / 1000 for s in seeds if s in solved])
+        per = [pct(rate(solved[s])) if s in solved else "—" for s in seeds]
+        mean = seed_interval([rate(solved[s]) for s in seeds if s in solved])
         common = [s for s in seeds if s in solved]
         diff = "—" if name.startswith("SFT + GRPO") else over_seeds(
             {s: (bits(rl[s]["solved_end"]), bits(solved[s])) for s in common})
@@ -143,7 +148,10 @@ def render(name):
     kind, _, where = name.partition("-")
     if kind not in TABLES:
         raise ValueError(f"table {name!r}: expected <{'|'.join(TABLES)}>-<place>")
-    return TABLES[kind](load(where))
+    found = load(where)
+    if "-warm-" in where:  # RL here from warm starts trained elsewhere (runner.py --warm): their records
+        found["warm"] = load(where.partition("-warm-")[2]).get("warm", {})
+    return TABLES[kind](found)
 
 
 def render_pages(check=False):

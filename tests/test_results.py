@@ -79,18 +79,18 @@ def test_the_runner_fills_a_plan_skips_records_and_resumes(tmp_path, monkeypatch
     """The smoke plan (an SFT warm start, then RL from it, two seeds) in a folder of its own:
     stopped by --minutes, then resumed to the end; each record names its command and seed, and a
     third run starts nothing."""
-    monkeypatch.setattr(runner, "RESULTS", str(tmp_path / "results"))
-    monkeypatch.setattr(runner, "ROOT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(runner, "STORE", runner.STORE)  # main() sets it from --store: put back after
     monkeypatch.setattr(runner, "PLANS", {"smoke": (["smoke-warm", "smoke-grpo"], (0,))})
-    runner.main(["run", "smoke", "--minutes", "0.3"])  # stops the warm start mid-way
+    store = ["--store", str(tmp_path)]
+    runner.main([*store, "run", "smoke", "--minutes", "0.5"])  # stops the warm start mid-way
     assert not os.path.exists(runner.record_path("cpu", "smoke-warm", 0))
     assert os.path.exists(os.path.join(runner.run_dir("cpu", "smoke-warm", 0), "latest"))
-    runner.main(["run", "smoke"])
+    runner.main([*store, "run", "smoke"])
     warm = json.load(open(runner.record_path("cpu", "smoke-warm", 0)))
     rl = json.load(open(runner.record_path("cpu", "smoke-grpo", 0)))
     assert "--resume" in warm["command"] and warm["steps"] == 30 and warm["seed"] == 0
     assert rl["solved_start"] == warm["solved_end"]  # RL started from the warm start's final weights
-    assert len(rl["ood"]["solved"]) == runner.OOD_PROBLEMS
+    assert len(rl["ood"]["solved"]) == len(rl["solved_end"]) == 50
     before = os.path.getmtime(runner.record_path("cpu", "smoke-grpo", 0))
-    runner.main(["run", "smoke"])
+    runner.main([*store, "run", "smoke"])
     assert os.path.getmtime(runner.record_path("cpu", "smoke-grpo", 0)) == before

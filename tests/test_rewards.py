@@ -5,6 +5,7 @@ import torch
 
 import answers
 import countdown
+import critic
 import rewards
 from grpo import group_advantages, normalise_step_rewards, rewards_to_go
 from model import TinyTokenizer, token_end_offsets
@@ -88,12 +89,43 @@ class _FakeCritic:
         return torch.tensor([5.0 if t == 46 and ({46, 20} & set(s)) else 0.0 for s, t in zip(states, targets)])
 
 
-def test_critic_values_are_a_softmax_against_the_target_bank():
-    values = rewards.state_values([P], [TRACE], _FakeCritic())[0]
-    bank = len(rewards.TARGET_BANK)
-    high = torch.tensor([5.0] + [0.0] * (bank - 1)).softmax(0)[0].item()
-    low = 1 / bank
-    assert [round(s.value, 6) for s in values] == [round(x, 6) for x in [low, low, low, low, low, high, high]]
+class _IdealCritic(critic.Critic):
+    """Scores +5 where the target can be reached from the state, -5 where not: a perfect ranking,
+    on no scale a credit could read as it is."""
+
+    def score(self, states, targets):
+        return torch.tensor([5.0 if countdown.solvable(s, t) else -5.0 for s, t in zip(states, targets)])
+
+
+def ideal_critic():
+    model = _IdealCritic()
+    critic.calibrate(model, critic.calibration_rows("tiny", searches=40), "tiny")
+    return model
+
+
+def test_an_ideal_critic_values_states_as_the_oracle_does():
+    """Calibrated on hindsight labels, a perfect ranking gives the oracle's 0/1 (within 1e-3), so
+    the prune credit charges a solved search with no dead end nothing, as the oracle does. (A
+    softmax of the scores against a bank of targets gave live 3-number states ~0.15.)"""
+    oracle = rewards.state_values([P], [TRACE])[0]
+    ideal = rewards.state_values([P], [TRACE], ideal_critic())[0]
+    assert [s.value for s in ideal] == pytest.approx([s.value for s in oracle], abs=1e-3)
+    pruned = _four_rollouts()["pruned"]
+    charges = rewards.dead_end_charges(rewards.state_values([P], [pruned], ideal_critic()), [True])[0]
+    assert charges and sum(r for _, r in charges) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_the_calibration_is_a_logistic_fit_of_hindsight_labels():
+    """On a critic whose score is the label plus noise, the fit recovers the labels' log-odds:
+    a score of 0 (half way) reads ~0.5, and the fit per size is monotone increasing."""
+    model = _IdealCritic()
+    fits = critic.calibrate(model, critic.calibration_rows("tiny", searches=40), "tiny")
+    assert set(fits) == {1, 2, 3} and all(a > 0 for a, _ in fits.values())
+    for a, b in fits.values():
+        assert abs(b / a) < 0.5  # the boundary between -5 and +5 sits near 0
+    labels = critic.hindsight_labels([((3, 4), (7, 12, 1, -1, 0), 50)], "tiny")
+    assert labels[2] == [1.0 if t in (7, 12) else 0.0 for t in range(10, 51)]
+    assert critic.hindsight_labels([((3, 4), (7, 12), 12)], "tiny") == ([], [], [])  # stopped on its target
 
 
 # --- credits that do not charge for exploring (hand-built traces, exact per-token values) ------
@@ -232,3 +264,40 @@ def test_move_and_potential_credit_pay_a_guess_more_than_a_search_cut_by_the_bud
     for credit in ("sequence", "process"):
         earned = _returns(credit, 0.5)
         assert earned["guess"] <= earned["out of budget"] + 1e-6 and earned["dead ends"] < earned["pruned"], credit
+
+
+def test_an_illegal_state_is_worth_nothing():
+    """The issue's case: on (8, 9, 5, 9) -> 31 the one line `8+9=31|31` wrote the target as a leaf;
+    no legal move makes it, so its value is 0 from the oracle and from the critic alike."""
+    problem = countdown.Problem((8, 9, 5, 9), 31)
+    text = "+-*/\n8+9=31|31\n<Solution>\n8 + 9 = 31\n</Solution>\n"
+    for source in (None, ideal_critic()):
+        assert [s.value for s in rewards.state_values([problem], [text], source)[0]] == [0.0]
+    assert rewards.legal_states(P, TRACE) == [True] * 7
+
+
+@pytest.mark.parametrize("source", ["oracle", "critic"])
+@pytest.mark.parametrize("credit", rewards.CREDITS)
+def test_a_fabricated_line_never_out_earns_an_honest_search(source, credit):
+    """`21+16=46|46` writes the target as a leaf in one illegal line; it must earn no more than an
+    honest search cut by the budget after a dead end (which never reached the target either), for
+    every credit, from the oracle and from an ideal critic, through rl.score and rl.advantages."""
+    import types
+    import grpo
+    import rl
+    import train
+    tok = TinyTokenizer()
+    honest = TRACE[:60]  # [37,17,26] live, [54,26] dead, leaves 80, 28 dead
+    fabricated = "+-*/\n21+16=46|46\n<Solution>\n21 + 16 = 46\n</Solution>\n"
+    assert not countdown.verify(P.nums, P.target, fabricated)
+    texts = [honest, fabricated]
+    args = train.parse_args(["--mode", source, "--critic-credit", credit, "--critic-coef", "0.5", "--group-size", "2"])
+    run = types.SimpleNamespace(args=args, terms=(source,), tokenizer=tok, device=torch.device("cpu"),
+                                critic=ideal_critic() if source == "critic" else None, critic_trainer=None)
+    tokens = [tok.encode(t) + [tok.eos_token_id] for t in texts]
+    ids, attention, response, start = grpo.pack_rollouts([[5, 6]], tokens, tok.pad_token_id, "cpu")
+    r = rl.Rollouts(problems=[P] * 2, tokens=tokens, texts=texts, ids=ids, attention=attention,
+                    response=response, start=start, finished=[False, True])
+    rl.score(run, r, step=0)
+    earned = rl.advantages(run, r)[:, start].tolist()
+    assert earned[1] <= earned[0] + 1e-6, earned

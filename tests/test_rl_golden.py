@@ -19,6 +19,7 @@ import answers
 import cli
 import critic
 import pseudo_outcome
+import rewards
 import train
 from model import TinyTokenizer, new_tiny_model, save_model
 
@@ -36,7 +37,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("golden")
     save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
     torch.manual_seed(0)
-    critic.save(critic.Critic(), str(root / "critic.safetensors"))
+    untrained = critic.Critic()
+    critic.calibrate(untrained, critic.calibration_rows("tiny", searches=20), "tiny")  # values that vary
+    critic.save(untrained, str(root / "critic.safetensors"))
     return root
 
 
@@ -48,6 +51,7 @@ def _written_states(text):
 def _metrics(setup, name, flags, monkeypatch):
     out = setup / name.replace(" ", "-").replace("+", "-")
     monkeypatch.setattr(answers, "extract_states", _written_states)
+    monkeypatch.setattr(rewards, "legal_states", lambda problem, text: [True] * len(_written_states(text)))
     argv = [*flags, "--model", setup / "model", "--critic", setup / "critic.safetensors", "--out", out, "--steps", 3,
             "--prompts-per-step", 4, "--group-size", 4, "--max-new-tokens", 40, "--eval-every", 3,
             "--eval-problems", 4, "--lr", "1e-3", "--seed", 5, "--procs", 1,

@@ -28,6 +28,7 @@ METRICS = {  # what ClipoModule.step reports (train.py logs them as "clipo/<name
     "head_loss": "the head's contrastive loss",
     "pos_cos": "mean cosine between two correct rollouts of a group",
     "neg_cos": "mean cosine between a correct and an incorrect rollout of a group",
+    "adv_shift": "mean absolute change CLIPO's bonus made to a rollout's group-normalised advantage (rl.bonus_shifts)",
 }
 
 

@@ -182,6 +182,8 @@ def reward_term(name, metrics, needs_hidden=False, weight=_unit_weight):
 
 STATE_METRICS = {"bonus_mean": "sequence / prune credit: mean bonus per rollout, before beta",
                  "states_per_rollout": "states scored per rollout",
+                 "adv_shift": "sequence / prune credit: mean absolute change the bonus made to a rollout's group-normalised "
+                              "advantage (rl.bonus_shifts)",
                  "step_reward_sum": "process/move/potential/prune-steps credit: step rewards per rollout, before beta"}
 
 
@@ -275,10 +277,9 @@ def oracle_credit(run, rollouts, step):
 
 @reward_term("clipo", clipo.METRICS, needs_hidden=True, weight=lambda args: args.clipo_lambda)
 def clipo_bonus(run, rollouts, step):
-    """CLIPO's per-rollout bonus; its head trains on this step's rollouts first. During the
-    first --clipo-warmup steps only the head trains: no bonus (and rl.py skips the update)."""
+    """CLIPO's per-rollout bonus; its head trains on this step's rollouts first. During the head's
+    warm-up (steps below 0, before the policy's first: train.clipo_warmup) no bonus is given."""
     generator = torch.Generator(run.device).manual_seed(seed_for(run.args.seed, "clipo", step, run.rank))
     bonus, stats = run.clipo.step(rollouts.pooled, rollouts.correct.to(run.device), run.args.group_size, generator,
                                   run.world)
-    warming = step < run.args.clipo_warmup
-    return (None if warming else bonus.cpu()), None, {k: v.item() for k, v in stats.items()}
+    return (None if step < 0 else bonus.cpu()), None, {k: v.item() for k, v in stats.items()}

@@ -287,6 +287,23 @@ def advantages(run, r):
     return outcome[:, None] + grpo.rewards_to_go(r.step_rewards)
 
 
+def bonus_shifts(run, r):
+    """{"<term>/adv_shift": mean over rollouts of |the change the term's bonus made to its
+    group-normalised advantage|}. A bonus every correct response of a group shares moves no
+    normalised advantage; only its spread among them does, which this measures."""
+    args, scale = run.args, not run.args.no_scale_adv
+    shifts = {}
+    for name, bonus in r.bonuses.items():
+        if args.normalise_terms:
+            change = abs(rewards.REWARD_TERMS[name].weight(args)) * grpo.group_advantages(bonus, args.group_size,
+                                                                                          scale=scale)
+        else:
+            change = (grpo.group_advantages(r.reward, args.group_size, scale=scale)
+                      - grpo.group_advantages(r.reward - bonus, args.group_size, scale=scale))
+        shifts[f"{name}/adv_shift"] = change.abs().mean().item()
+    return shifts
+
+
 def loss_mask(r, mask_truncated):
     """[N, T]: the tokens the loss reads: the response tokens, or with mask_truncated only those
     of rollouts that finished by themselves (DAPO's overlong filtering)."""
@@ -310,10 +327,11 @@ def rl_step(run, step):
     # 5. advantages, and the tokens the loss reads (--mask-truncated: none of a rollout cut by the budget;
     # its reward still counts in its group's mean and std, as DAPO's overlong filtering does)
     r.advantages = advantages(run, r)
+    term_metrics.update(bonus_shifts(run, r))
     r.loss_mask = loss_mask(r, args.mask_truncated)
     t3 = clock(run.device)
-    # 6. update (CLIPO's warm-up trains only its head)
-    warming = "clipo" in run.terms and step < args.clipo_warmup
+    # 6. update (steps below 0 are CLIPO's head warm-up: the head trains, the policy does not)
+    warming = step < 0
     update_stats = dict.fromkeys(("loss", "kl", "clip_frac", "kl_ref"), 0.0) if warming else update(run, r)
     t4 = clock(run.device)
 

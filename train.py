@@ -52,6 +52,7 @@ METRICS = {  # what each line of metrics.jsonl holds; the reward terms add their
                         "top-k/top-p; --tis-cap corrects for it)",
     "kl": "approx. KL(old || new) over the updates", "kl_ref": "k3 KL to the reference (with --kl-coef)",
     "clip_frac": "fraction of tokens whose ratio was clipped",
+    "clipo_warmup": "CLIPO's head warm-up step of a step-0 row (the policy is not updated; --clipo-warmup)",
     "entropy": "mean token entropy of the sampling distribution (at --temperature) over the rollouts",
     "response_length_mean": "mean rollout length (tokens)", "response_length_max": "longest rollout (tokens)",
     "tokens_per_s": "sampled tokens per second (all ranks)",
@@ -161,7 +162,9 @@ def parse_args(argv=None):
     ap.add_argument("--clipo-floor", type=float, default=-0.5)
     ap.add_argument("--clipo-dim", type=int, default=512)
     ap.add_argument("--clipo-lr", type=float, default=1e-3)
-    ap.add_argument("--clipo-warmup", type=int, default=5, help="first steps train only the head")
+    ap.add_argument("--clipo-warmup", type=int,
+                    help="steps that train only the head, before the policy's --steps (default: --steps / 10, as "
+                         "the paper's epoch of 1/10 to 1/6 of training)")
     # hardware
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast for training forwards (fp32 master weights), rollouts from a bf16 copy")
@@ -179,6 +182,8 @@ def parse_args(argv=None):
     args.lr = args.lr or (3e-3 if sft else 1e-4)
     args.eval_every = args.eval_every or (250 if sft else 25)
     args.log_rollouts_every = args.log_rollouts_every or args.eval_every
+    if args.clipo_warmup is None:
+        args.clipo_warmup = max(1, args.steps // 10) if "clipo" in args.mode.split("+") else 0
     return args
 
 
@@ -230,6 +235,11 @@ def check_args(args, world):
             check_model_dir(args.model)
         except ValueError as e:
             problems.append(str(e))
+    if args.normalise_terms and "clipo" in parts:
+        problems.append("--normalise-terms with clipo: CLIPO's bonus acts through its spread among a group's "
+                        "correct responses; normalised apart it becomes a second outcome-sized signal: drop one")
+    if args.clipo_warmup < 0:
+        problems.append(f"--clipo-warmup {args.clipo_warmup}: a number of steps, 0 or more")
     if args.critic_online and "critic" not in parts:
         problems.append("--critic-online trains the critic of mode critic: add critic to --mode")
     if args.critic == SCRATCH and not args.critic_online:
@@ -311,6 +321,20 @@ def warm_start_ready():
     return found is not None and load_state(found)["finished"]
 
 
+def clipo_warmup(run, args, rank, log):
+    """CLIPO's head trains alone on --clipo-warmup steps of rollouts before the policy's first
+    step (steps -W..-1: rl_step updates no policy and adds no bonus there), logged as step 0 rows
+    with "clipo_warmup"; then a checkpoint at step 0, so a resume never repeats it. A stop asked
+    for during the warm-up is honoured once it is done."""
+    for k in tqdm(range(args.clipo_warmup), desc="clipo warm-up", disable=rank != 0):
+        warm_step = k - args.clipo_warmup
+        torch.manual_seed(seed_for(args.seed, "torch", warm_step, rank))
+        row = {"step": 0, "clipo_warmup": k + 1, **rl.rl_step(run, warm_step)}
+        if rank == 0:
+            log(row)
+    save(run, 0, finished=False)
+
+
 def train(args, rank, world, device):
     """Build the run, then its steps from where it stands; True when stopped (Ctrl-C, SIGTERM)."""
     cpu_threads(device)
@@ -331,6 +355,8 @@ def train(args, rank, world, device):
         row = {"step": 0, **heldout_success(run, heldout, 0)}
         if rank == 0:
             log(row)
+    if start == 0 and not args.resume and "clipo" in run.terms and args.clipo_warmup:
+        clipo_warmup(run, args, rank, log)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode, disable=rank != 0)
     step, stopping = start, False
     with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop

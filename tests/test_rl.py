@@ -113,6 +113,25 @@ def test_normalise_terms_against_a_loop():
     assert torch.allclose(rl.advantages(run, r)[:, 0], torch.tensor(summed), atol=1e-5)
 
 
+def test_bonus_shift_is_the_change_of_the_normalised_advantages():
+    """A bonus shared by every correct response of a group moves no advantage (CLIPO's typical
+    bonus: -lambda log(other correct responses)); one that differs among them does, by hand."""
+    args = types.SimpleNamespace(normalise_terms=False, no_scale_adv=False, group_size=4)
+    run = types.SimpleNamespace(args=args)
+    correct = torch.tensor([1.0, 1.0, 0.0, 0.0])
+
+    def shift(bonus):
+        r = types.SimpleNamespace(bonuses={"clipo": bonus}, reward=correct + bonus)
+        return rl.bonus_shifts(run, r)["clipo/adv_shift"]
+    assert shift(torch.tensor([-0.14, -0.14, 0.0, 0.0])) == pytest.approx(0.0, abs=1e-6)
+    # rewards 1.1, 0.9, 0, 0: mean 0.5, unbiased std sqrt((0.36 + 0.16 + 0.25 + 0.25) / 3)
+    std = math.sqrt((0.6 ** 2 + 0.4 ** 2 + 0.5 ** 2 + 0.5 ** 2) / 3)
+    with_bonus = [0.6 / std, 0.4 / std, -0.5 / std, -0.5 / std]
+    without = [0.5 / math.sqrt(1 / 3), 0.5 / math.sqrt(1 / 3), -0.5 / math.sqrt(1 / 3), -0.5 / math.sqrt(1 / 3)]
+    expected = sum(abs(a - b) for a, b in zip(with_bonus, without)) / 4
+    assert shift(torch.tensor([0.1, -0.1, 0.0, 0.0])) == pytest.approx(expected, rel=1e-4)
+
+
 def _last_row(out):
     with open(out / "metrics.jsonl") as f:
         return [json.loads(line) for line in f][-1]

@@ -115,7 +115,8 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    warmup = 1 if "clipo" in mode else 0  # CLIPO's head warm-up rows come before step 1's
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2 + warmup):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -128,9 +129,10 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     again = _in_process(setup, out, 4, *extra, "--resume", mode=mode)
     assert again.returncode == 0, again.stderr[-2000:]
     resumed, reference = _metrics(out), _metrics(setup / f"full-{mode}")
-    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in resumed] == [0] * (1 + warmup) + [1, 2, 3, 4]
     if "clipo" in mode:
         assert all("clipo/valid_frac" in r for r in resumed[1:])
+        assert [r.get("clipo_warmup") for r in resumed[:2]] == [None, 1]
     if mode == "critic":
         assert all("critic/auroc_3" in r for r in resumed[2::2])  # at eval steps
     for row_a, row_b in zip(resumed, reference):
@@ -301,3 +303,20 @@ def test_compiled_training_forward_gives_the_eager_metrics(setup):
             assert row_a[key] == pytest.approx(row_b[key], rel=1e-4, abs=1e-5), key
     wa, wb = _weights(_single(setup)), _weights(setup / "compiled")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_clipo_warms_its_head_up_before_the_policy_s_steps(setup):
+    """--clipo-warmup W head-only steps run before the --steps policy updates, not inside them (the
+    paper's warm-up is an epoch of 1/10 to 1/6 of training: the default is --steps / 10), and the
+    policy moves from step 1 on; --normalise-terms with CLIPO is refused."""
+    out = setup / "clipo-warmup"
+    result = _in_process(setup, out, 2, "--clipo-warmup", "2", mode="clipo")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = _metrics(out)
+    assert [(r["step"], r.get("clipo_warmup")) for r in rows] == [(0, None), (0, 1), (0, 2), (1, None), (2, None)]
+    assert all(r["loss"] == 0 and r["kl"] == 0 and "clipo/head_loss" in r for r in rows[1:3])
+    assert all(r["kl"] != 0 for r in rows[3:])  # policy updates: two, as --steps says
+    assert train.parse_args(["--mode", "clipo"]).clipo_warmup == 25
+    assert train.parse_args(["--mode", "grpo"]).clipo_warmup == 0
+    refused = _in_process(setup, setup / "clipo-normalised", 2, "--normalise-terms", mode="clipo")
+    assert refused.returncode != 0 and "--normalise-terms with clipo" in refused.stderr.strip().splitlines()[-1]

@@ -24,7 +24,7 @@ PAGES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.pa
 BLOCK = re.compile(r"(<!-- table ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 DEFAULT_CELL = "grpo-rounds1"  # the cell whose flags are train.py's RL defaults: the baseline of every row
 CANDIDATES = ["grpo-rounds1", "grpo-rounds4", "grpo-rounds4-mask", "grpo-rounds4-g16", "grpo-rounds4-t12",
-              "grpo-rounds4-kl", "grpo-rounds4-lr2", "grpo-rounds4-500"]
+              "grpo-rounds4-kl", "grpo-rounds4-lr2", "grpo-rounds4-500", "grpo-rounds1-w3000", "grpo-rounds4-w3000"]
 BASELINES = ["sft-alone-2964", "sft-every-2964"]
 
 
@@ -91,9 +91,9 @@ def robust(found):
         common = [s for s in seeds if s in base]
         versus = "—" if cell == DEFAULT_CELL or not common else over_seeds(
             {s: (bits(base[s]["solved_end"]), bits(row[s]["solved_end"])) for s in common})
-        warm = found.get("warm", {})
+        warm = found.get(row[seeds[0]].get("warm_cell") or "warm", {})
         ood = over_seeds({s: (bits(warm[s]["ood"]["solved"]), bits(row[s]["ood"]["solved"]))
-                          for s in seeds if s in warm}) if all(s in warm for s in seeds) else "—"
+                          for s in seeds}) if all(s in warm for s in seeds) else "—"
         mean = lambda key: sum(row[s]["heldout_end"][key] for s in seeds) / len(seeds)  # noqa: E731
         minutes = sum(row[s]["minutes"] for s in seeds) / len(seeds)
         lines.append(f"| {cell} | {'; '.join(per)} | {gain} | {pct(final[0])}% | {versus} | "
@@ -149,8 +149,10 @@ def render(name):
     if kind not in TABLES:
         raise ValueError(f"table {name!r}: expected <{'|'.join(TABLES)}>-<place>")
     found = load(where)
-    if "-warm-" in where:  # RL here from warm starts trained elsewhere (runner.py --warm): their records
-        found["warm"] = load(where.partition("-warm-")[2]).get("warm", {})
+    if "-warm-" in where:  # RL here from warm starts trained elsewhere (runner.py --warm): their SFT records
+        for cell, row in load(where.partition("-warm-")[2]).items():
+            if next(iter(row.values()))["flags"]["mode"] == "sft":
+                found.setdefault(cell, row)
     return TABLES[kind](found)
 
 

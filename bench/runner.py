@@ -62,17 +62,26 @@ CELLS = {
     # demonstrator and the reference search (every move); N from a 2-core run's minutes (docs/testbed.md)
     "sft-alone-2964": ["--mode", "sft", "--steps", "2964", "--eval-every", "500"],
     "sft-every-2964": ["--mode", "sft", "--steps", "2964", "--eval-every", "500", "--skip", "0"],
+    # a warm start at the reference search's ceiling (1,500 steps leave 2 of 3 seeds on their learning
+    # transition: docs/testbed.md), RL from it, and SFT alone for that pipeline's minutes
+    # (3,000 + the 1,464 SFT steps GRPO's 250 steps cost on 2 cores)
+    "warm3000": ["--mode", "sft", "--steps", "3000", "--eval-every", "500"],
+    "grpo-rounds1-w3000": ["--mode", "grpo", "--max-sample-rounds", "1"],
+    "grpo-rounds4-w3000": ["--mode", "grpo", "--max-sample-rounds", "4"],
+    "sft-alone-4464": ["--mode", "sft", "--steps", "4464", "--eval-every", "500"],
+    "sft-every-4464": ["--mode", "sft", "--steps", "4464", "--eval-every", "500", "--skip", "0"],
     # the dry run's cells: the pipeline's shape in ~2 minutes of 2 CPU cores
     "smoke-warm": ["--mode", "sft", "--steps", "30", "--eval-every", "30", "--eval-problems", "50"],
     "smoke-grpo": ["--mode", "grpo", "--steps", "3", "--eval-every", "3", "--eval-problems", "50",
                    "--prompts-per-step", "4"],
 }
-WARM_OF = {"smoke-grpo": "smoke-warm"}  # an RL cell's warm start when it is not "warm"
+WARM_OF = {"smoke-grpo": "smoke-warm", "grpo-rounds1-w3000": "warm3000", "grpo-rounds4-w3000": "warm3000"}  # an RL cell's warm start when it is not "warm"
 PLANS = {  # cells in priority order, each for every seed of the plan
     "smoke": (["smoke-warm", "smoke-grpo"], (0, 1)),
     "robust": (["warm", "grpo-rounds4", "grpo-rounds1", "grpo-rounds4-mask", "sft-alone-2964", "sft-every-2964",
                 "grpo-rounds4-g16", "grpo-rounds4-t12", "grpo-rounds4-kl", "grpo-rounds4-lr2", "oracle-prune-rounds4",
                 "grpo-rounds4-500", "oracle-prune", "clipo-rounds4"], SEEDS),
+    "warm3000": (["warm3000", "grpo-rounds1-w3000", "grpo-rounds4-w3000", "sft-alone-4464", "sft-every-4464"], SEEDS),
 }
 
 
@@ -161,7 +170,7 @@ def write_record(where, cell, seed, device, cmd, seconds, beside):
     ood = evaluate(load_model(path, device=device), load_tokenizer(path),
                    countdown.heldout_problems(read_args(out)["eval_problems"], OOD_PRESET))
     record = {
-        "cell": cell, "seed": seed, "place": where, "command": [relative(c) for c in cmd[1:]],
+        "cell": cell, "seed": seed, "place": where, "warm_cell": WARM_OF.get(cell, "warm") if is_rl(cell) else None, "command": [relative(c) for c in cmd[1:]],
         "flags": {k: relative(v) for k, v in read_args(out).items()},
         "commit": git("rev-parse", "HEAD") or os.environ.get("RUNNER_COMMIT", ""), "dirty": bool(git("status", "--porcelain", "--", "*.py")),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
@@ -281,7 +290,7 @@ LOGS = ("metrics.jsonl", "heldout.jsonl", "rollouts.jsonl", "args.json", "runner
 
 def pack(where, archive):
     """One file to copy back: the records, every cell's logs (what the policy wrote included), and
-    each finished warm start's final weights (what a later RL cell starts from)."""
+    each finished SFT cell's final weights (what a later RL cell can start from)."""
     from checkpoint import check_model_dir
     with tarfile.open(archive, "w:gz") as tar:
         if os.path.isdir(os.path.join(STORE, "results", where)):
@@ -291,7 +300,7 @@ def pack(where, archive):
             for cell in sorted(os.listdir(os.path.join(cells, seed_dir))):
                 out = os.path.join(cells, seed_dir, cell)
                 files = [os.path.join(out, name) for name in LOGS if os.path.exists(os.path.join(out, name))]
-                if cell == "warm" and finished(out):
+                if cell in CELLS and not is_rl(cell) and finished(out):  # any SFT cell can be a warm start
                     model = check_model_dir(out)
                     files += [os.path.join(model, name) for name in os.listdir(model) if name != "trainer_state.pt"]
                 for path in files:

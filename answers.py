@@ -143,17 +143,7 @@ def read_search(nums, target, completion):
 def _moves(state, ops):
     """The legal moves of `state` in the reference search's order: [(key, child)], key =
     (big, op, small, sorted child) (how a written line is matched to a move)."""
-    out = []
-    for i in range(len(state)):
-        for j in range(i + 1, len(state)):
-            rest = tuple(state[k] for k in range(len(state)) if k not in (i, j))
-            big, small = max(state[i], state[j]), min(state[i], state[j])
-            for op in ops:
-                value = countdown.whole_result(big, small, op)
-                if value is not None and value < countdown.MAX_VALUE:
-                    child = (value,) + rest
-                    out.append(((big, op, small, tuple(sorted(child))), child))
-    return out
+    return [((big, op, small, tuple(sorted(child))), child) for big, op, small, child in countdown.legal_moves(state, ops)]
 
 
 def passed_over(nums, target, lines, gave_up=False, ops=countdown.OPS):

@@ -262,19 +262,26 @@ def solved_within(nums, target, most):
 # ---------------------------------------------------------------------------------------------
 # The exact oracle
 
+def legal_moves(nums, ops=OPS):
+    """Every legal move of the state `nums`, in the reference search's order (pairs, then `ops`):
+    [(big, op, small, child)], child the result first, then the other numbers in order. The one
+    enumeration of moves: next_states, the oracle and answers.passed_over read it."""
+    out = []
+    for i in range(len(nums)):
+        for j in range(i + 1, len(nums)):
+            rest = tuple(nums[k] for k in range(len(nums)) if k not in (i, j))
+            big, small = max(nums[i], nums[j]), min(nums[i], nums[j])
+            for op in ops:
+                value = whole_result(big, small, op)
+                if value is not None and value < MAX_VALUE:
+                    out.append((big, op, small, (value,) + rest))
+    return out
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def next_states(nums):
     """Every distinct state one legal move from the sorted tuple `nums`, as sorted tuples (memoised)."""
-    out = set()
-    for i in range(len(nums)):
-        for j in range(i + 1, len(nums)):
-            rest = nums[:i] + nums[i + 1:j] + nums[j + 1:]
-            big, small = max(nums[i], nums[j]), min(nums[i], nums[j])
-            for op in OPS:
-                value = whole_result(big, small, op)
-                if value is not None and value < MAX_VALUE:
-                    out.add(tuple(sorted(rest + (value,))))
-    return frozenset(out)
+    return frozenset(tuple(sorted(child)) for *_, child in legal_moves(nums))
 
 
 @functools.lru_cache(maxsize=1 << 17)

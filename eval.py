@@ -21,7 +21,7 @@ loaded there in bf16 (`--fp32` to keep fp32); on CPU in fp32 (`--bf16` to use bf
 Intervals: a success rate over n problems carries a 95% Wilson interval (`wilson`); two models
 on the same problems are compared by the per-problem differences, mean +- 1.96 standard
 errors (`paired_difference`: the paired interval, much narrower than two separate ones when the
-models agree on most problems); `seed_interval` is a t interval over seeds (bench/rl_modes.py).
+models agree on most problems); `seed_interval` is a t interval over seeds (bench/results.py).
 """
 import argparse
 import json
@@ -86,7 +86,7 @@ def default_style(tokenizer):
 def default_max_new_tokens(style):
     # the tiny model's budget binds (compact traces of "tiny" problems reach ~390 tokens): at 160
     # tokens one operation order fits about half of the problems, a choice between two 70%
-    # (README, "The testbed"); LongProc 0.5k demonstrations stay under ~650 of a BPE tokenizer's tokens
+    # (docs/testbed.md); LongProc 0.5k demonstrations stay under ~650 of a BPE tokenizer's tokens
     return 160 if style == "bare" else 1024
 
 

@@ -331,7 +331,7 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, *, start=
     logsumexp, logits only where a response token is predicted), optionally entropies and the
     final hidden states (for CLIPO). `temperature`: the sampler's; the log-probs and entropies
     are those of softmax(logits / temperature), the distribution the tokens were drawn from
-    (top-k / top-p filtering is not applied: see README, "What TRL / verl call it"). `model`: a TokenLogProbs (bare or wrapped by DDP, FSDP or
+    (top-k / top-p filtering is not applied: see docs/grpo.md, "What TRL / verl call it"). `model`: a TokenLogProbs (bare or wrapped by DDP, FSDP or
     torch.compile), or a bare causal LM. `start`: the first response column (every row's
     response starts there or later); derived from the mask when not given (one host sync).
     `groups`: [N] prompt ids, rows with equal ids running their shared prompt once (see

@@ -130,7 +130,7 @@ def dead_end_charges(values, solved):
     sum to minus the share of its states that are dead, at most 1; a rollout that does not solve
     is never charged. Per rollout [(offset, reward)]. Why only solved ones: under a binding budget
     a failed search and a guess both earn 0, and a guess writes few states; a charge on every
-    rollout's dead ends paid the policy to stop searching (README, "Dense credit on the testbed")."""
+    rollout's dead ends paid the policy to stop searching (docs/critic.md, the credits table)."""
     return [[(s.offset, -(1.0 - s.value) / len(vs)) for s in vs] if ok and vs else []
             for vs, ok in zip(values, solved)]
 

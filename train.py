@@ -142,7 +142,7 @@ def parse_args(argv=None):
     ap.add_argument("--clip-high", type=float, default=0.28)
     ap.add_argument("--ratio", choices=grpo.RATIOS, default="token")
     ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="seq-mean-token-mean",
-                    help="how token losses add up (README: seq-mean-token-mean measured +2.7 points over token-mean)")
+                    help="how token losses add up (docs/testbed.md: seq-mean-token-mean measured +2.7 points over token-mean)")
     ap.add_argument("--no-scale-adv", action="store_true", help="mean-centre advantages only (Dr. GRPO)")
     ap.add_argument("--kl-coef", type=float, default=0.0)
     ap.add_argument("--format-reward", type=float, default=0.0,

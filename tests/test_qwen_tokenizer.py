@@ -20,7 +20,7 @@ import sft
 import train
 from tests.qwen_like import SPECIALS, qwen_config, save_qwen_like
 
-LONGPROC_PROMPT_TOKENS = 824  # README, "Real checkpoints": the first held-out LongProc-preset problem's prompt
+LONGPROC_PROMPT_TOKENS = 824  # docs/real-checkpoints.md: the first held-out LongProc-preset problem's prompt
 
 
 @pytest.fixture(scope="module")

@@ -246,7 +246,7 @@ def _returns(credit, beta):
 @pytest.mark.parametrize("beta", [0.1, 0.3, 0.5])
 def test_the_prune_credits_cannot_be_won_without_solving(credit, beta):
     """A guess never out-earns a search that runs out of budget, and a solved search that writes
-    dead ends never out-earns the same search without them (README, "Dense credit on the testbed")."""
+    dead ends never out-earns the same search without them (docs/critic.md, the credits table)."""
     earned = _returns(credit, beta)
     assert earned["guess"] <= earned["out of budget"] + 1e-6
     assert earned["dead ends"] < earned["pruned"]
@@ -254,7 +254,7 @@ def test_the_prune_credits_cannot_be_won_without_solving(credit, beta):
 
 
 def test_move_and_potential_credit_pay_a_guess_more_than_a_search_cut_by_the_budget():
-    """What the README reports of the earlier credits, through the same group: before it guessed,
+    """What docs/critic.md reports of the earlier credits, through the same group: before it guessed,
     the missed search wrote a live 2-number state ([20, 26]) as its last state, while the cut
     search's last state is a dead leaf. Move credit pays the best state of each depth (2 live
     levels against 1), potential credit V(last) - V(first) (0 against -1): both pay the guess."""

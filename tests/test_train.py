@@ -282,7 +282,7 @@ import pseudo_outcome  # first: it puts the project on sys.path
 import countdown, train
 countdown.verify = pseudo_outcome.verify
 # dynamo and AOTAutograd trace the forward and backward as inductor would get them; inductor's own
-# C++ code generation would add minutes on 2 cores (README: the same run with inductor, by hand)
+# C++ code generation would add minutes on 2 cores (docs/real-checkpoints.md: the same run with inductor, by hand)
 torch.compile = functools.partial(torch.compile, backend="aot_eager")
 if __name__ == "__main__":
     train.main(sys.argv[1:])

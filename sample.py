@@ -226,7 +226,7 @@ def decoder_for(model, prompt_cache, rows, capacity):
 
 
 @dataclass
-class Rollouts:
+class Samples:
     """Samples of one `sample` call; samples of one prompt are consecutive (prompt-major)."""
     tokens: list      # list[list[int]]: new tokens of each sample, cut after EOS / the stop string
     logprobs: list    # list[list[float]]: log-prob of each token under the sampling distribution
@@ -362,7 +362,7 @@ def sample(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=
                 rows, alive = rows[kept], [True] * len(kept)
         token, logprob = decoder.step(len(alive), width + step + 1, noise(), temperature, top_k, top_p, graphed)
     tokens, logprobs = tokens.tolist(), logprobs.tolist()
-    return Rollouts([t[:k] for t, k in zip(tokens, lengths)], [p[:k] for p, k in zip(logprobs, lengths)], finished)
+    return Samples([t[:k] for t, k in zip(tokens, lengths)], [p[:k] for p, k in zip(logprobs, lengths)], finished)
 
 
 def generate(model, prompts, max_new_tokens, **kwargs):

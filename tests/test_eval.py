@@ -7,7 +7,7 @@ import cli
 import countdown
 import eval as evaluation
 from model import TinyTokenizer, new_tiny_model, save_model
-from sample import Rollouts
+from sample import Samples
 
 PROBLEMS = [countdown.Problem((21, 16, 17, 26), 46), countdown.Problem((7, 3, 12, 25), 50)]
 
@@ -21,7 +21,7 @@ def test_metrics_on_planted_completions(monkeypatch):
     def planted(model, prompts, max_new_tokens, **kw):
         assert kw["num_samples"] == 3 and len(prompts) == 2
         tokens = [tok.encode(t) for t in texts]
-        return Rollouts(tokens, [[0.0] * len(t) for t in tokens], [True] * len(tokens))
+        return Samples(tokens, [[0.0] * len(t) for t in tokens], [True] * len(tokens))
     monkeypatch.setattr(evaluation, "sample", planted)
     m = evaluation.evaluate(new_tiny_model(), tok, PROBLEMS, samples=3, temperature=1.0)
     assert m["success_rate"] == pytest.approx(4 / 6)

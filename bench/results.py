@@ -103,14 +103,19 @@ def robust(found):
 
 
 def testbed(found):
-    """The default pipeline against SFT alone for the same minutes: held-out success per seed, the
-    mean, and each row's paired difference to SFT + GRPO."""
-    rl = found.get(DEFAULT_CELL, {})
+    """The pipelines (SFT warm start, then each RL candidate present) against SFT alone for the
+    same minutes: held-out success per seed, the mean, and each row's paired difference to the
+    default RL cell (or the first candidate present)."""
+    rl_cells = [c for c in CANDIDATES if c in found and (found[c][min(found[c])].get("warm_cell") or "warm") == "warm"]
+    if not rl_cells:
+        return ""
+    base = DEFAULT_CELL if DEFAULT_CELL in rl_cells else rl_cells[0]
+    rl = found[base]
     rows = [("SFT warm start", {s: r["solved_start"] for s, r in rl.items()}),
-            (f"SFT + GRPO ({DEFAULT_CELL})", {s: r["solved_end"] for s, r in rl.items()}),
+            *((f"SFT + GRPO ({cell})", {s: r["solved_end"] for s, r in found[cell].items()}) for cell in rl_cells),
             *((cell, {s: r["solved_end"] for s, r in found.get(cell, {}).items()}) for cell in BASELINES)]
     seeds = sorted(rl)
-    lines = ["| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [t] | vs SFT + GRPO [t] [problems] |",
+    lines = ["| | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean [t] | vs {base} [t] [problems] |",
              "|---|" + "---|" * (len(seeds) + 2)]
     for name, solved in rows:
         if not solved:
@@ -118,7 +123,7 @@ def testbed(found):
         per = [pct(rate(solved[s])) if s in solved else "—" for s in seeds]
         mean = seed_interval([rate(solved[s]) for s in seeds if s in solved])
         common = [s for s in seeds if s in solved]
-        diff = "—" if name.startswith("SFT + GRPO") else over_seeds(
+        diff = "—" if name == f"SFT + GRPO ({base})" else over_seeds(
             {s: (bits(rl[s]["solved_end"]), bits(solved[s])) for s in common})
         lines.append(f"| {name} | {' | '.join(per)} | {pct(mean[0])}{interval(mean[1], mean[2], False)} | {diff} |")
     return "\n".join(lines)

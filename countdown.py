@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-from fractions import Fraction
 from typing import NamedTuple
 
 MAX_VALUE = 2000  # results must stay below this (LongProc's "maximum intermediate result")
@@ -354,95 +353,6 @@ def verify(nums, target, completion):
             return False
         pool.append(c)
     return pool == [target]
-
-
-def _answer_text(text):
-    """Content of the last complete <answer>...</answer> (TinyZero's convention), or None."""
-    end = text.rfind("</answer>")
-    start = text.rfind("<answer>", 0, max(end, 0))
-    return None if end < 0 or start < 0 else text[start + len("<answer>"):end]
-
-
-_EXPR_TOKEN = re.compile(r"\s*(?:([0-9]{1,6})|([-+*/()]))", re.ASCII)
-_MAX_EXPRESSION = 256  # characters; a 4-number answer needs ~20, this bounds parse time
-_MAX_PARENS = 32  # bounds the recursion depth of the parser far below Python's limit
-
-
-def _tokenize(expr):
-    tokens, pos = [], 0
-    while pos < len(expr):
-        m = _EXPR_TOKEN.match(expr, pos)
-        if m is None:
-            return None if expr[pos:].strip() else tokens
-        tokens.append(int(m[1]) if m[1] else m[2])
-        pos = m.end()
-    return tokens
-
-
-def _evaluate(tokens):
-    """Recursive descent over `expr := term (+|- term)*`, `term := factor (*|/ factor)*`,
-    `factor := integer | ( expr )`, in exact rationals. None for a syntax error or x/0."""
-    pos = 0
-
-    def peek():
-        return tokens[pos] if pos < len(tokens) else None
-
-    def factor():
-        nonlocal pos
-        tok = peek()
-        pos += 1
-        if isinstance(tok, int):
-            return Fraction(tok)
-        if tok != "(":
-            return None
-        value = expr()
-        if value is None or peek() != ")":
-            return None
-        pos += 1
-        return value
-
-    def binary(operand, ops):
-        nonlocal pos
-        value = operand()
-        while value is not None and peek() in ops:
-            op = tokens[pos]
-            pos += 1
-            right = operand()
-            if right is None or (op == "/" and right == 0):
-                return None
-            if op == "+":
-                value += right
-            elif op == "-":
-                value -= right
-            elif op == "*":
-                value *= right
-            else:
-                value /= right
-        return value
-
-    def term():
-        return binary(factor, ("*", "/"))
-
-    def expr():
-        return binary(term, ("+", "-"))
-
-    value = expr()
-    return value if pos == len(tokens) else None
-
-
-def verify_expression(nums, target, text):
-    """True iff the last <answer>...</answer> holds an arithmetic expression (integers,
-    + - * /, parentheses) that uses each given number exactly once and equals `target`."""
-    expr = _answer_text(text)
-    if expr is None or len(expr) > _MAX_EXPRESSION:
-        return False
-    tokens = _tokenize(expr)
-    if tokens is None or tokens.count("(") > _MAX_PARENS:
-        return False
-    if sorted(t for t in tokens if isinstance(t, int)) != sorted(nums):
-        return False
-    value = _evaluate(tokens)
-    return value is not None and value == target
 
 
 # ---------------------------------------------------------------------------------------------

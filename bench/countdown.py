@@ -13,7 +13,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import countdown  # noqa: E402
-from tests.fuzz import expression_corpus, solution_corpus  # noqa: E402
+from tests.fuzz import solution_corpus  # noqa: E402
 
 
 def timed(fn, items):
@@ -48,8 +48,6 @@ def main():
     row("random_problem, LongProc 0.5k", timed(lambda r: countdown.random_problem(r, tokens=(330, 510)), [(rng,)] * 200))
     corpus = solution_corpus(seed=0, size=10_000)
     row(f"verify, fuzz corpus ({len(corpus):,})", timed(countdown.verify, corpus))
-    corpus = expression_corpus(seed=1, size=10_000)
-    row(f"verify_expression, fuzz corpus ({len(corpus):,})", timed(countdown.verify_expression, corpus))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ them, and adversarial garbage (huge inputs, huge integers, unbalanced tags, unic
 """
 import random
 import re
-from fractions import Fraction
 
 import countdown
 
@@ -106,42 +105,4 @@ def solution_corpus(seed=0, size=10_000):
     for text in (megabyte, "<Solution>" + megabyte, "<Solution>\n" + "1 + 1 = 2\n" * 100_000 + "</Solution>",
                  "<Solution>" * 100_000 + "</Solution>" * 100_000):
         corpus.append(((1, 1, 2, 2), 4, text))
-    return corpus
-
-
-def _random_expression(rng, nums):
-    """(text, value): a random fully parenthesised tree over `nums` in order; value None on x/0."""
-    if len(nums) == 1:
-        return str(nums[0]), Fraction(nums[0])
-    k = rng.randrange(1, len(nums))
-    (left, a), (right, b), op = _random_expression(rng, nums[:k]), _random_expression(rng, nums[k:]), rng.choice("+-*/")
-    value = None if a is None or b is None or (op == "/" and b == 0) else {
-        "+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[op]()
-    # unparenthesised sometimes, so precedence decides (the value is then only a likely target)
-    return (f"({left} {op} {right})" if rng.random() < 0.7 else f"{left} {op} {right}"), value
-
-
-def expression_corpus(seed=0, size=10_000):
-    """(nums, target, text) for `verify_expression`: random expressions over the numbers (some
-    with a number missing, repeated or foreign), targets mostly their value, and garbage."""
-    rng = random.Random(seed)
-    corpus = []
-    for _ in range(size):
-        nums = [rng.randint(1, 49) for _ in range(rng.choice([2, 3, 4, 4, 5]))]
-        used = list(nums)
-        roll = rng.random()
-        if roll < 0.1:
-            used.pop()
-        elif roll < 0.2:
-            used.append(used[0])
-        elif roll < 0.25:
-            used[0] += 1
-        rng.shuffle(used)
-        expression, value = _random_expression(rng, used)
-        target = int(value) + rng.choice([0, 0, 1]) if value is not None and value.denominator == 1 else rng.randint(0, 60)
-        if rng.random() < 0.2:
-            text = _garbage(rng)
-        else:
-            text = "thinking...<answer>" + expression.replace(" ", rng.choice(["", " "])) + "</answer>"
-        corpus.append((nums, target, text))
     return corpus

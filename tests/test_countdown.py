@@ -1,15 +1,13 @@
 """countdown.py against LongProc's reference outputs, brute force and independent references."""
-import ast
 import itertools
 import random
 import re
-from fractions import Fraction
 
 import pytest
 
 import answers
 import countdown
-from tests.fuzz import expression_corpus, solution_corpus
+from tests.fuzz import solution_corpus
 
 
 # --- the search reproduces LongProc ---------------------------------------------------------
@@ -211,71 +209,6 @@ def test_verify_first_block_only_and_rules():
     assert not countdown.verify([50, 40, 1], 2001, "<Solution>\n50 * 40 = 2000\n2000 + 1 = 2001\n</Solution>")
     assert countdown.verify([5, 0, 3], 3, "<Solution>\n5 * 0 = 0\n0 + 3 = 3\n</Solution>")
     assert not countdown.verify([5, 0, 3], 3, "<Solution>\n5 / 0 = 0\n0 + 3 = 3\n</Solution>")
-
-
-# --- verify_expression ----------------------------------------------------------------------
-
-def _reference_expression(nums, target, text):
-    """Independent reference: Python's own parser (ast), walked with exact rationals."""
-    found = re.findall(r"<answer>(.*?)</answer>", text, re.S)
-    if not found:
-        return False
-    try:
-        tree = ast.parse(found[-1].strip(), mode="eval").body
-    except SyntaxError:
-        return False
-    literals = []
-
-    def walk(node):
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            literals.append(node.value)
-            return Fraction(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
-            a, b = walk(node.left), walk(node.right)
-            if a is None or b is None:
-                return None
-            if isinstance(node.op, ast.Add):
-                return a + b
-            if isinstance(node.op, ast.Sub):
-                return a - b
-            if isinstance(node.op, ast.Mult):
-                return a * b
-            return a / b if b else None
-        raise ValueError("not in the grammar")
-
-    try:
-        value = walk(tree)
-    except ValueError:
-        return False
-    return sorted(literals) == sorted(nums) and value is not None and value == target
-
-
-def test_verify_expression_fuzz_matches_python_parser():
-    corpus = expression_corpus(seed=1, size=10_000)
-    checked = positives = 0
-    for nums, target, text in corpus:
-        got = countdown.verify_expression(nums, target, text)
-        assert type(got) is bool
-        if text.startswith("thinking"):
-            assert got == _reference_expression(nums, target, text), (nums, target, text)
-            checked += 1
-            positives += got
-        else:
-            assert not got or _reference_expression(nums, target, text)
-    assert checked > 7000 and positives > 1000
-
-
-def test_verify_expression_cases():
-    assert countdown.verify_expression([21, 16, 17, 26], 46, "<answer> 21 + 16 - 17 + 26 </answer>")
-    assert countdown.verify_expression([2, 3, 4], 14, "<answer>2+3*4</answer>")
-    assert not countdown.verify_expression([2, 3, 4], 20, "<answer>2+3*4</answer>")
-    assert countdown.verify_expression([6, 4, 3], 6, "<answer>6/(4-3)</answer>")
-    assert not countdown.verify_expression([6, 4, 3], 3, "<answer>6/(4-3)/2</answer>")  # 2 is not given
-    assert not countdown.verify_expression([6, 4, 3], 2, "<answer>6/3</answer>")  # 4 is unused
-    assert countdown.verify_expression([6, 4, 3], Fraction(9, 2), "<answer>6/4*3</answer>")  # exact, left to right
-    assert not countdown.verify_expression([3, 3], 1, "<answer>3/(3-3)</answer>")
-    assert not countdown.verify_expression([99, 98, 5], 1, "<answer>99**98**5</answer>")
-    assert countdown.verify_expression([1, 2], 3, "<answer>9</answer> <answer>(1+2)</answer>")
 
 
 # --- states, problems, files, prompts -------------------------------------------------------

@@ -1,30 +1,35 @@
 """Fill a plan of runs side by side, keep each finished run in results/, render the tables from them.
 
     python bench/runner.py run robust --jobs 2                 # this machine's CPU, one thread per run
-    python bench/runner.py run robust --device cuda --jobs 12 --minutes 9 --archive $OUT/results.tar.gz
+    python bench/runner.py run robust --device cuda --jobs 10 --minutes 7 --archive $OUT/cells.tar.gz
+    python bench/runner.py run robust --warm h200 --jobs 2     # RL here from warm starts an H200 trained
     python bench/runner.py run smoke --jobs 2                  # a plan of tiny cells: a dry run in ~2 minutes
     python bench/runner.py status robust                       # which cells are done, where
     python bench/runner.py render                              # rewrite every table in README.md and docs/
     python bench/runner.py render --check                      # exit 1 if a page differs from its render
 
-A cell is one `train.py` run: a warm start per seed (`warm`, the default SFT), an RL run from it
-(mode and flags), or an SFT-alone baseline. Its run directory is runs/cells/<place>/s<seed>/<cell>/
-(resumed when it stopped, reused when it finished); once it finishes, the runner evaluates the
-final model out of distribution (`tiny-wide`, 1,000 problems, greedy) and writes
+A cell is one `train.py` run: a warm start per seed (`warm`, the default SFT), an RL run from a
+warm start (mode and flags), or an SFT-alone baseline. Its run directory is
+runs/cells/<place>/s<seed>/<cell>/ (resumed when it stopped, reused when it finished); once it
+finishes, the cell's process evaluates the final model out of distribution (`tiny-wide`, as many
+problems as the cell's held-out evaluation: 1,000, greedy) and writes
 results/<place>/<cell>-s<seed>.json: the command and flags, commit, versions, machine, minutes and
 how many runs shared the machine, the held-out curve, which held-out problems were solved at the
 start and at the end (paired differences), the held-out search counts, the sampled rollouts' last
-metrics, and the OOD problems solved. <place> is `cpu` (a 2-core VM) or the GPU's short name:
-runs on different hardware are different draws and are never mixed in a row.
+25 steps, and the OOD problems solved. <place> is `cpu` (a 2-core VM), the GPU's short name
+(`h200`), or `cpu-warm-h200` (--warm: RL on this CPU from the warm starts an H200 trained, copied
+back in its archive): runs on different hardware are different draws, never mixed in a row.
 
 `run` skips cells whose record exists, starts the others in the plan's order once their warm start
-has finished, `--jobs N` at a time (on CPU each gets one process and one thread: --jobs 1 keeps
+has its record, `--jobs N` at a time (on CPU each gets one process and one thread: --jobs 1 keeps
 train.py's defaults, whose minutes are the ones a user sees), and with `--minutes M` stops
 launching a cell that would not finish by M (its time guessed from the finished cells of its kind)
 and stops the running ones at M (SIGTERM: train.py saves, a later `run` resumes). `--archive`
-packs the records and the warm starts' weights into one file to copy back.
-Tables: results.py renders them; each table in a page sits between `<!-- table NAME -->` and
-`<!-- /table -->`, and tests/test_results.py fails when one differs from its render.
+packs the records, every cell's logs and every finished SFT cell's weights into one file to copy
+back. `--store DIR` puts results/ and runs/cells/ under DIR (run experiments from a worktree of
+a fixed commit, records into the project). Tables: results.py renders them; each table in a
+page sits between `<!-- table NAME -->` and `<!-- /table -->`, and tests/test_results.py fails
+when one differs from its render.
 """
 import argparse
 import json

@@ -123,9 +123,9 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
     ap.add_argument("--oversample", type=float, default=0.0,
                     help="draw this fraction more prompts and train on the groups with signal first (DAPO)")
-    ap.add_argument("--max-sample-rounds", type=int, default=1,
+    ap.add_argument("--max-sample-rounds", type=int, default=4,
                     help="draw and roll out more prompts, up to this many rounds, until the step has its groups "
-                         "with signal (DAPO's dynamic sampling; 1: one draw)")
+                         "with signal (DAPO's dynamic sampling; 1: one draw; docs/testbed.md: why 4)")
     ap.add_argument("--mask-truncated", action="store_true",
                     help="rollouts cut by the token budget add no loss (their rewards still count in the group)")
     ap.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight in the loss")

@@ -22,7 +22,7 @@ RESULTS = os.path.join(ROOT, "results")
 PAGES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
                                if f.endswith(".md"))
 BLOCK = re.compile(r"(<!-- table ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
-DEFAULT_CELL = "grpo-rounds1"  # the cell whose flags are train.py's RL defaults: the baseline of every row
+DEFAULT_CELL = "grpo-rounds4"  # the cell whose flags are train.py's RL defaults: the baseline of every row
 CANDIDATES = ["grpo-rounds1", "grpo-rounds4", "grpo-rounds4-mask", "grpo-rounds4-g16", "grpo-rounds4-t12",
               "grpo-rounds4-kl", "grpo-rounds4-lr2", "grpo-rounds4-500", "grpo-rounds1-w3000", "grpo-rounds4-w3000"]
 BASELINES = ["sft-alone-2964", "sft-every-2964"]

@@ -51,7 +51,7 @@ SEEDS = (0, 1, 2)
 # Cells: name -> (train.py flags beyond --seed/--model/--out). "warm" is every RL cell's start.
 CELLS = {
     "warm": ["--mode", "sft"],
-    "grpo-rounds1": ["--mode", "grpo", "--max-sample-rounds", "1"],  # train.py's RL defaults, named by what varies
+    "grpo-rounds1": ["--mode", "grpo", "--max-sample-rounds", "1"],  # the RL defaults before refilling (4) won
     "grpo-rounds4": ["--mode", "grpo", "--max-sample-rounds", "4"],
     "grpo-rounds4-mask": ["--mode", "grpo", "--max-sample-rounds", "4", "--mask-truncated"],
     "grpo-rounds4-g16": ["--mode", "grpo", "--max-sample-rounds", "4", "--group-size", "16", "--prompts-per-step", "8"],

@@ -82,7 +82,7 @@ def test_sampling_rounds_go_on_until_enough_groups_have_signal(tiny, monkeypatch
         assert flat_frac == pytest.approx(sum(flat) / len(flat))
         checked.add(expected)
     assert len(checked) > 1  # steps that needed different numbers of rounds
-    one = _run(tiny, "one-round")  # --max-sample-rounds 1: the problems of the first round alone
+    one = _run(tiny, "one-round", "--max-sample-rounds", "1")  # the problems of the first round alone
     assert rl.roll_out(one, 0, keep=4)[0].problems[::4] == rl.draw_problems(one, 0, 0)
 
 
@@ -145,7 +145,7 @@ def test_a_run_s_old_log_probs_are_the_sampler_s(tiny, flags, gap):
     out = tiny / ("gap" + "".join(flags).replace("-", "_"))
     result = cli.run(train.main, ["--model", tiny / "model", "--out", out, "--steps", 1, "--prompts-per-step", 4,
                                   "--group-size", 4, "--max-new-tokens", 30, "--eval-every", 5, "--eval-problems", 4,
-                                  "--procs", 1, *flags])
+                                  "--procs", 1, "--max-sample-rounds", 1, *flags])
     assert result.returncode == 0, result.stderr[-2000:]
     row = _last_row(out)
     assert row["sampler_logp_gap"] < gap and row["sample_rounds"] == 1

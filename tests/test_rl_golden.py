@@ -55,7 +55,7 @@ def _metrics(setup, name, flags, monkeypatch):
     argv = [*flags, "--model", setup / "model", "--critic", setup / "critic.safetensors", "--out", out, "--steps", 3,
             "--prompts-per-step", 4, "--group-size", 4, "--max-new-tokens", 40, "--eval-every", 3,
             "--eval-problems", 4, "--lr", "1e-3", "--seed", 5, "--procs", 1,
-            "--format-reward", 0.1, "--agg", "token-mean"]  # the defaults when the metrics were pinned
+            "--format-reward", 0.1, "--agg", "token-mean", "--max-sample-rounds", 1]  # the defaults when pinned
     result = cli.run(train.main, argv, outcome=pseudo_outcome.verify)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(out / "metrics.jsonl") as f:

@@ -39,7 +39,7 @@ def _args(setup, out, steps, *extra, mode="grpo"):
     return [RUNNER, "--mode", mode, "--model", str(setup / "model"), "--out", str(out),
             "--steps", str(steps), "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "40",
             "--minibatches", "2", "--eval-every", "2", "--eval-problems", "4", "--lr", "1e-3", "--seed", "3",
-            "--procs", "1", *extra]
+            "--max-sample-rounds", "1", "--procs", "1", *extra]  # one round: refilling is per process (docs/grpo.md)
 
 
 def _run(cmd, **kw):

@@ -66,21 +66,22 @@ def state_values(problems, texts, critic=None):
     result of a legal move of the state it continues (answers.read_search: wrong arithmetic, a
     number that was not there, a fabricated line) is worth 0, whatever its numbers: credit is
     for states the search reached, never for writing the target down."""
-    found = [[(o, s, legal) for (o, s), legal in zip(answers.extract_states(t), legal_states(p, t))]
-             for p, t in zip(problems, texts)]
+    written = [answers.extract_states(t) for t in texts]
+    found = [[(o, s, legal) for (o, s), legal in zip(states, legal_states(p, t, states))]
+             for p, t, states in zip(problems, texts, written)]
     flat = [(k, o, s, p.target) for k, (p, states) in enumerate(zip(problems, found)) for o, s, legal in states
             if legal]
     values = iter(values_of([s for _, _, s, _ in flat], [t for *_, t in flat], critic))
     return [[State(o, len(s), next(values) if legal else 0.0) for o, s, legal in states] for states in found]
 
 
-def legal_states(problem, text):
-    """For each state extract_states finds in `text`, in order: is it the child of a legal written
-    move? The states of a search are its moves' children, one each, in writing order."""
+def legal_states(problem, text, states):
+    """For each of `states` (answers.extract_states(text)), in order: is it the child of a legal
+    written move? The states of a search are its moves' children, one each, in writing order."""
     lines = iter(answers.read_search(problem.nums, problem.target, text))
     line = next(lines, None)
     out = []
-    for _, state in answers.extract_states(text):
+    for _, state in states:
         if line is not None and tuple(state) == tuple(line.child):
             out.append(line.legal)
             line = next(lines, None)

@@ -273,7 +273,7 @@ def test_an_illegal_state_is_worth_nothing():
     text = "+-*/\n8+9=31|31\n<Solution>\n8 + 9 = 31\n</Solution>\n"
     for source in (None, ideal_critic()):
         assert [s.value for s in rewards.state_values([problem], [text], source)[0]] == [0.0]
-    assert rewards.legal_states(P, TRACE) == [True] * 7
+    assert rewards.legal_states(P, TRACE, answers.extract_states(TRACE)) == [True] * 7
 
 
 @pytest.mark.parametrize("source", ["oracle", "critic"])

@@ -79,6 +79,7 @@ CELLS = {
     "smoke-warm": ["--mode", "sft", "--steps", "30", "--eval-every", "30", "--eval-problems", "50"],
     "smoke-grpo": ["--mode", "grpo", "--steps", "3", "--eval-every", "3", "--eval-problems", "50",
                    "--prompts-per-step", "4"],
+    "smoke-stop": ["--mode", "sft", "--steps", "100000", "--eval-every", "100000", "--eval-problems", "50"],  # --minutes ends it
 }
 WARM_OF = {"smoke-grpo": "smoke-warm", "grpo-rounds1-w3000": "warm3000", "grpo-rounds4-w3000": "warm3000"}  # an RL cell's warm start when it is not "warm"
 PLANS = {  # cells in priority order, each for every seed of the plan
@@ -207,8 +208,9 @@ def run_cell(args):
     before = 0.0
     if os.path.exists(os.path.join(out, "latest")):
         cmd.append("--resume")
-        with open(os.path.join(out, "seconds.json")) as f:
-            before = json.load(f)["seconds"]
+        if os.path.exists(os.path.join(out, "seconds.json")):  # absent: a run killed hard, or begun by hand
+            with open(os.path.join(out, "seconds.json")) as f:
+                before = json.load(f)["seconds"]
     began = time.time()
     code = subprocess.call(cmd, cwd=ROOT)
     os.makedirs(out, exist_ok=True)

@@ -76,21 +76,35 @@ def test_a_page_that_differs_from_its_render_is_found(fake_results, tmp_path, mo
 
 
 def test_the_runner_fills_a_plan_skips_records_and_resumes(tmp_path, monkeypatch):
-    """The smoke plan (an SFT warm start, then RL from it, two seeds) in a folder of its own:
-    stopped by --minutes, then resumed to the end; each record names its command and seed, and a
-    third run starts nothing."""
+    """The smoke plan (an SFT warm start, then RL from it) in a folder of its own: a warm start
+    that stopped after 10 of its 30 steps is resumed, not restarted; RL starts from its final
+    weights; each record names its command and seed; a second run starts nothing."""
+    import cli
+    import train
     monkeypatch.setattr(runner, "STORE", runner.STORE)  # main() sets it from --store: put back after
     monkeypatch.setattr(runner, "PLANS", {"smoke": (["smoke-warm", "smoke-grpo"], (0,))})
     store = ["--store", str(tmp_path)]
-    runner.main([*store, "run", "smoke", "--minutes", "0.5"])  # stops the warm start mid-way
-    assert not os.path.exists(runner.record_path("cpu", "smoke-warm", 0))
-    assert os.path.exists(os.path.join(runner.run_dir("cpu", "smoke-warm", 0), "latest"))
+    runner.STORE = str(tmp_path)
+    stopped = runner.command("cpu", "smoke-warm", 0, alone=False)[2:]
+    stopped[stopped.index("--steps") + 1] = "10"  # as if it had stopped at step 10
+    assert cli.run(train.main, stopped).returncode == 0
     runner.main([*store, "run", "smoke"])
     warm = json.load(open(runner.record_path("cpu", "smoke-warm", 0)))
     rl = json.load(open(runner.record_path("cpu", "smoke-grpo", 0)))
     assert "--resume" in warm["command"] and warm["steps"] == 30 and warm["seed"] == 0
+    assert list(warm["curve"]) == ["10", "30"]  # the first 10 steps kept, not run again
     assert rl["solved_start"] == warm["solved_end"]  # RL started from the warm start's final weights
     assert len(rl["ood"]["solved"]) == len(rl["solved_end"]) == 50
     before = os.path.getmtime(runner.record_path("cpu", "smoke-grpo", 0))
     runner.main([*store, "run", "smoke"])
     assert os.path.getmtime(runner.record_path("cpu", "smoke-grpo", 0)) == before
+
+
+def test_minutes_stop_a_cell_that_a_later_run_resumes(tmp_path, monkeypatch):
+    """--minutes: a cell still running at the deadline gets SIGTERM, saves a checkpoint and
+    leaves no record (a later `run` resumes it)."""
+    monkeypatch.setattr(runner, "STORE", runner.STORE)
+    monkeypatch.setattr(runner, "PLANS", {"stop": (["smoke-stop"], (0,))})
+    runner.main(["--store", str(tmp_path), "run", "stop", "--minutes", "0.5"])
+    assert not os.path.exists(runner.record_path("cpu", "smoke-stop", 0))
+    assert os.path.exists(os.path.join(runner.run_dir("cpu", "smoke-stop", 0), "latest"))

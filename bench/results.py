@@ -17,6 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from eval import paired_difference, seed_interval  # noqa: E402
+from runner import warm_place  # noqa: E402  (bench/ is on sys.path when runner.py or the tests import this)
 
 RESULTS = os.path.join(ROOT, "results")
 PAGES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
@@ -154,8 +155,8 @@ def render(name):
     if kind not in TABLES:
         raise ValueError(f"table {name!r}: expected <{'|'.join(TABLES)}>-<place>")
     found = load(where)
-    if "-warm-" in where:  # RL here from warm starts trained elsewhere (runner.py --warm): their SFT records
-        for cell, row in load(where.partition("-warm-")[2]).items():
+    if warm_place(where) != where:  # RL here from warm starts trained elsewhere (runner.py --warm): their SFT records
+        for cell, row in load(warm_place(where)).items():
             if next(iter(row.values()))["flags"]["mode"] == "sft":
                 found.setdefault(cell, row)
     return TABLES[kind](found)

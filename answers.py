@@ -98,26 +98,48 @@ class Line(NamedTuple):
     reaches: bool   # the exact oracle: the target can still be reached from `child` (a leaf: it is the target)
 
 
+class OpenStates:
+    """Which state a written line continues. Neither style writes it: a depth-first search makes
+    it the newest state still open with one number more (the problem's numbers for a first
+    move), and a line leading to k numbers leaves the subtrees of every open state of k numbers
+    or fewer. The one reader of that order: read_search, passed_over and critic.written_rows keep
+    what they need of each state (the state, its index, its reached values) as its `item`."""
+
+    def __init__(self, size, item):
+        self.items = {size: item}  # state size -> the item of the newest open state of that size
+
+    def write(self, size):
+        """A line leading to `size` numbers: (the item of the state it continues, or None; the
+        items of the states whose subtrees it leaves)."""
+        parent = self.items.get(size + 1)
+        left = [self.items.pop(s) for s in [s for s in self.items if s <= size]]
+        return parent, left
+
+    def enter(self, size, item):
+        """The line's state is open now (its moves come next)."""
+        self.items[size] = item
+
+    def open_items(self):
+        return list(self.items.values())
+
+
 def _legal(parent, move, child, restated, target):
+    """A legal move of `parent` written right: its arithmetic as written is exact, and `child` is
+    what a legal move (countdown.legal_moves) of the same two numbers leads to; a leaf restates
+    the true target."""
     if parent is None:
         return False
     a, op, b, value = move
-    rest = list(parent)
-    for x in (a, b):
-        if x not in rest:
-            return False
-        rest.remove(x)
-    if countdown.whole_result(a, b, op) != value or not 0 <= value < countdown.MAX_VALUE:
+    if countdown.whole_result(a, b, op) != value or (len(child) == 1 and restated != target):
         return False
-    if len(child) == 1 and restated != target:
-        return False
-    return sorted(child) == sorted(rest + [value])
+    pair, after = (min(a, b), max(a, b)), sorted(child)
+    return any((small, big) == pair and sorted(c) == after for big, _, small, c in countdown.legal_moves(parent))
 
 
 def read_search(nums, target, completion):
     """[Line] for every move the search before the first <Solution> writes, in order."""
     head = completion.split("<Solution>", 1)[0]
-    newest = {len(nums): tuple(nums)}  # state size -> the newest state of that size still open
+    open_states = OpenStates(len(nums), tuple(nums))
     lines = []
     for m in _MOVE.finditer(head):
         g = m.groups()[:6] if m[1] is not None else m.groups()[6:]
@@ -129,14 +151,12 @@ def read_search(nums, target, completion):
                 continue
         else:
             child, restated = (value,), int(g[5])
-        parent = newest.get(len(child) + 1)
+        parent, _ = open_states.write(len(child))
         reaches = value == target if len(child) == 1 else countdown.solvable(child, target)
         lines.append(Line(parent, (a, op, b, value), child, restated,
                           _legal(parent, (a, op, b, value), child, restated, target), reaches))
-        for size in [s for s in newest if s <= len(child)]:  # the search left those states' subtrees
-            del newest[size]
         if len(child) > 1:
-            newest[len(child)] = child
+            open_states.enter(len(child), child)
     return lines
 
 
@@ -152,18 +172,13 @@ def passed_over(nums, target, lines, gave_up=False, ops=countdown.OPS):
     the reference order `ops`) but not this one, or when it left the state's subtree (wrote a
     move of an ancestor's) without it; gave_up (the answer ends with countdown.NO_SOLUTION)
     leaves every state. A move to a dead end cannot reach the target (a leaf: misses it)."""
-    states = []  # per written state (the problem's numbers first): [its moves, the indices written, left?]
-    newest = {}  # state size -> its index in `states`, while open
-
-    def enter(state):
-        newest[len(state)] = len(states)
-        states.append([_moves(state, ops), set(), False])
-    enter(tuple(nums))
+    states = [[_moves(tuple(nums), ops), set(), False]]  # per written state: [its moves, the indices written, left?]
+    open_states = OpenStates(len(nums), 0)  # items: indices in `states`
     for line in lines:
         size = len(line.child)
-        parent = newest.get(size + 1)
-        for s in [s for s in newest if s <= size]:
-            states[newest.pop(s)][2] = True
+        parent, left = open_states.write(size)
+        for k in left:
+            states[k][2] = True
         if parent is not None:
             moves, written, _ = states[parent]
             a, op, b, _ = line.move
@@ -172,7 +187,8 @@ def passed_over(nums, target, lines, gave_up=False, ops=countdown.OPS):
             if k is not None:
                 written.add(k)
         if size > 1:
-            enter(line.child)
+            open_states.enter(size, len(states))
+            states.append([_moves(line.child, ops), set(), False])
     dead = live = 0
     for moves, written, left in states:
         last = max(written, default=-1)

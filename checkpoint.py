@@ -4,7 +4,7 @@
                                          AutoModelForCausalLM.from_pretrained loads, plus trainer_state.pt
                                          (step, optimizer, the run's other trained modules) to resume
     runs/grpo/latest                     the name of the newest complete checkpoint (one line)
-    runs/grpo/metrics.jsonl              one JSON line per step (train.metric_docs() names every key)
+    runs/grpo/metrics.jsonl              one JSON line per step (metrics.docs() names every key)
     runs/grpo/heldout.jsonl              per evaluation, which held-out problems were solved ("0110...")
     runs/grpo/rollouts.jsonl             what the policy wrote: a group of rollouts every --log-rollouts-every
                                          steps, a few greedy held-out answers per evaluation (eval.py --show)

@@ -1,7 +1,7 @@
 """CLIPO: a contrastive head on the policy's hidden states; its per-response loss becomes a reward.
 
     head = ContrastiveHead(hidden_size, dim=512)
-    z = head(hidden, response_mask)                    # [N, dim], unit norm, fp32
+    z = head(pooled)                                   # [N, H] mean hidden state per response -> [N, dim], unit norm
     loss, valid = contrastive_loss(z, correct, group_size, temperature=0.05, kind="infonce", generator=g)
     bonus = contrastive_reward(loss.detach(), valid, lam=0.2, floor=-0.5)  # add to rewards, then normalise
     python bench/clipo.py                              # fused vs per-group loop vs one N x N matrix
@@ -28,27 +28,18 @@ METRICS = {  # what ClipoModule.step reports (train.py logs them as "clipo/<name
     "head_loss": "the head's contrastive loss",
     "pos_cos": "mean cosine between two correct rollouts of a group",
     "neg_cos": "mean cosine between a correct and an incorrect rollout of a group",
-    "adv_shift": "mean absolute change CLIPO's bonus made to a rollout's group-normalised advantage (rl.bonus_shifts)",
 }
 
 
 class ContrastiveHead(nn.Module):
-    """fp32 masked mean of the hidden states over response tokens -> Linear (no bias) -> L2-normalise."""
+    """The mean final hidden state of a response (forward.response_mean, fp32) -> Linear (no bias)
+    -> L2-normalise."""
 
     def __init__(self, hidden_size, dim=512):
         super().__init__()
         self.proj = nn.Linear(hidden_size, dim, bias=False)
 
-    def forward(self, hidden, response_mask):
-        return self.project(self.pool(hidden, response_mask))
-
-    @staticmethod
-    def pool(hidden, response_mask):
-        """[N, T, H] -> [N, H]: mean over response tokens, in fp32 (a bf16 running sum drifts)."""
-        m = response_mask.float().unsqueeze(-1)
-        return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
-
-    def project(self, pooled):
+    def forward(self, pooled):
         return F.normalize(self.proj(pooled.float()), dim=-1)
 
 
@@ -118,9 +109,9 @@ class ClipoModule:
         self.kind, self.temperature, self.lam, self.floor = kind, temperature, lam, floor
 
     def step(self, pooled, correct, group_size, generator=None, world=1):
-        """pooled: ContrastiveHead.pool of the rollouts' hidden states [N, H] (computed in
-        chunks by the caller, from the forward that gave the old log-probs)."""
-        z = self.head.project(pooled.detach())
+        """pooled: the rollouts' mean final hidden states [N, H] (forward.response_mean, computed
+        in chunks by the caller, from the forward that gave the old log-probs)."""
+        z = self.head(pooled.detach())
         loss, valid = contrastive_loss(z, correct, group_size, temperature=self.temperature, kind=self.kind,
                                        generator=generator)
         count = valid.sum().float()

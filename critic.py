@@ -30,7 +30,8 @@ The oracle (countdown.solvable) never labels training rows: it only evaluates. E
 against the oracle per state size on held-out problems: every state one, two and three moves
 from a problem's numbers (all legal moves, not only the ones the search takes) with its target,
 balanced reachable / unreachable per size. The headline is the 3-number AUROC (the first move).
-Imports: countdown, distributed (CPU threads), torch (matplotlib optionally, for --plot).
+Imports: answers (how a written search is read), countdown, distributed (CPU threads), torch (matplotlib
+optionally, for --plot).
 """
 import argparse
 import json
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import answers
 import countdown
 from distributed import cpu_threads
 
@@ -458,22 +460,20 @@ def written_rows(nums, target, states):
     state that is not one legal move from its parent (a slip in the arithmetic or the
     bookkeeping) is dropped, and so is everything written below it. reached: the one-number
     results written below the state (itself, for a leaf); a state with none makes no row."""
-    open_states = {len(nums): (tuple(sorted(nums)), None)}  # size -> (state, reached; None: the root)
+    open_states = answers.OpenStates(len(nums), (tuple(sorted(nums)), None))  # items: (state, reached; None: the root)
     rows = []
     for written in states:
         state = tuple(sorted(written))
-        parent = open_states.get(len(state) + 1)
-        for size in [k for k in open_states if k <= len(state)]:
-            del open_states[size]
+        parent, _ = open_states.write(len(state))
         if parent is None or state not in countdown.next_states(parent[0]):
             continue
         reached = set()
         if len(state) == 1:
-            for _, above in open_states.values():
+            for _, above in open_states.open_items():
                 if above is not None:
                     above.add(state[0])
             reached.add(state[0])
-        open_states[len(state)] = (state, reached)
+        open_states.enter(len(state), (state, reached))
         rows.append((state, reached))
     return [(state, tuple(sorted(reached)), target) for state, reached in rows if reached]
 

@@ -11,6 +11,8 @@ written least-significant digit first inside the model (a known trick that makes
 learnable for small transformers). Text in and text out are normal: only token order changes.
 Imports: torch, transformers. Nothing of ours.
 """
+import functools
+import inspect
 import json
 import os
 import re
@@ -72,6 +74,18 @@ class TinyTokenizer:
         with open(path) as f:
             spec = json.load(f)
         return cls(spec["pieces"], spec["reverse_digits"])
+
+
+def cache_keyword(module):
+    """The keyword a transformers model's (or decoder's) forward takes its KV cache by, and the
+    field its output returns it in: "cache" from transformers 5.25 on (where "past_key_values"
+    warns on every call that it is deprecated), "past_key_values" before."""
+    return _cache_keyword(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls):
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def new_tiny_model(seed=0, vocab_size=None, layers=4, hidden=128, heads=4, max_positions=2048):

@@ -1,4 +1,5 @@
-"""What a rollout earns: the outcome reward, and the reward terms a mode adds to it.
+"""What a rollout earns: the outcome reward, the credit of the states it writes, and the
+interface of the reward terms a mode adds (the built-in ones are in terms.py).
 
     correct, formatted = outcome(problems, texts)                   # 0/1 tensors [N]
     values = state_values(problems, texts, critic)                   # critic; critic=None: the oracle
@@ -7,36 +8,37 @@
     steps, mask = token_rewards(credits, tokens, tokenizer, width)   # [N, width] per-token rewards
 
 Reward terms. A mode (`train.py --mode clipo+critic`) names the terms of REWARD_TERMS it adds to
-the outcome reward; a term is one function registered with `@reward_term`:
+the outcome reward; a term is a RewardTerm subclass registered with @reward_term, in one file.
+A length penalty, say:
 
-    @reward_term("length", {"penalty_mean": "mean length penalty per rollout"})
-    def length_penalty(run, rollouts, step):
-        bonus = -run.args.length_coef * rollouts.response.sum(1).cpu() / run.max_new_tokens
-        return bonus, None, {"penalty_mean": bonus.mean().item()}
+    @reward_term("length")
+    class LengthPenalty(RewardTerm):
+        title, metrics = "length", {"penalty_mean": "mean length penalty per rollout"}
+        flags = (("--length-coef", dict(type=float, default=0.1, help="penalty per budget used")),)
 
-It returns (bonus [N] added to each rollout's reward before group normalisation, or None;
-step rewards [N, T] added to the per-token advantages, or None; metrics {name: float}, logged
-as "<term>/<name>" and documented by the dict given to `reward_term`). `run` is run.Run (the
-flags are run.args), `rollouts` is rl.Rollouts, `step` the optimizer steps done.
+        def score(self, run, rollouts, step):
+            bonus = -run.args.length_coef * rollouts.response.sum(1).cpu() / run.max_new_tokens
+            return bonus, None, {"penalty_mean": bonus.mean().item()}
+
+A term with state (a model, an optimizer, a pool) builds it in __init__(run) and defines
+state_dict / load_state_dict: checkpoints keep it and --resume restores it (RewardTerm says all).
+`run` is run.Run (the flags are run.args), `rollouts` is rl.Rollouts, `step` the optimizer steps done.
 
 States. A state is a number set `answers.extract_states` finds in a completion. Its value is
 the exact oracle's 0/1 ("can the target still be reached from here?") or the critic's calibrated
 probability of the same (critic.reachability). A state that is not a legal move's result is worth 0.
-Imports: answers, countdown, critic (online rows), grpo, clipo (metric names), model (token offsets), distributed, torch.
+Imports: answers, countdown, grpo, model (token offsets), torch.
 """
 import bisect
-import random
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 import answers
-import clipo
 import countdown
-import critic
 import grpo
-from distributed import all_gather_lists, seed_for
 from model import token_end_offsets
+
 
 def outcome(problems, texts):
     """(correct, formatted): verify() and "a <Solution> block parses", as float tensors."""
@@ -131,7 +133,8 @@ def dead_end_charges(values, solved):
     sum to minus the share of its states that are dead, at most 1; a rollout that does not solve
     is never charged. Per rollout [(offset, reward)]. Why only solved ones: under a binding budget
     a failed search and a guess both earn 0, and a guess writes few states; a charge on every
-    rollout's dead ends paid the policy to stop searching (docs/critic.md, the credits table)."""
+    rollout's dead ends paid the policy to stop searching: see
+    docs/critic.md#from-values-to-rewards-six-credits---critic-credit."""
     return [[(s.offset, -(1.0 - s.value) / len(vs)) for s in vs] if ok and vs else []
             for vs, ok in zip(values, solved)]
 
@@ -154,37 +157,10 @@ def token_rewards(credits, tokens, tokenizer, width):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reward terms: the registry the modes name
-
-def _unit_weight(args):
-    return 1.0
-
-
-class RewardTerm(NamedTuple):
-    score: Callable             # (run, rollouts, step) -> (bonus [N] | None, step rewards [N, T] | None, metrics)
-    metrics: dict               # metric name -> meaning (logged as "<term>/<name>")
-    needs_hidden: bool = False  # the old-log-prob pass then pools the final hidden states (rollouts.pooled)
-    weight: Callable = _unit_weight  # args -> the coefficient the bonus carries (--normalise-terms weighs by it)
-
-
-REWARD_TERMS = {}
-
-
-def reward_term(name, metrics, needs_hidden=False, weight=_unit_weight):
-    """Register `fn(run, rollouts, step)` as the reward term of mode `name` (module docstring).
-    weight(args): the coefficient its bonus is scaled by; with --normalise-terms the bonus is
-    normalised within its group (its scale is gone) and then weighed by |weight|."""
-    def register(fn):
-        REWARD_TERMS[name] = RewardTerm(fn, metrics, needs_hidden, weight)
-        return fn
-    return register
-
-
+# State credit: the oracle's and the critic's values of the states a rollout writes, as rewards
 
 STATE_METRICS = {"bonus_mean": "sequence / prune credit: mean bonus per rollout, before beta",
                  "states_per_rollout": "states scored per rollout",
-                 "adv_shift": "sequence / prune credit: mean absolute change the bonus made to a rollout's group-normalised "
-                              "advantage (rl.bonus_shifts)",
                  "step_reward_sum": "process/move/potential/prune-steps credit: step rewards per rollout, before beta"}
 
 
@@ -234,53 +210,79 @@ def initial_values(problems, critic=None):
     return values_of([p.nums for p in problems], [p.target for p in problems], critic)
 
 
-CRITIC_METRICS = {**STATE_METRICS,
-                  "online_loss": "--critic-online: the critic's InfoNCE loss on this step's batch",
-                  "online_rows": "--critic-online: hindsight rows the step's rollouts gave (all ranks)",
-                  **{f"auroc_{k}": f"--critic-online: AUROC vs the oracle on held-out {k}-number states (eval steps)"
-                     for k in (3, 2, 1)}}
+# ---------------------------------------------------------------------------------------------
+# Reward terms: what a mode adds to the outcome reward
+
+class RewardTerm:
+    """A reward term: `--mode grpo+<name>` adds it to the outcome reward. Subclass it, register it
+    with @reward_term(name), and override what it needs; rl.py, run.py and train.py read only this:
+
+      metrics             {name: meaning}, logged as "<term>/<name>" (docs/metrics.md lists them)
+      flags               ((flag, argparse keywords), ...): train.py shows them under `title`
+      pooled              True: the old pass fills rollouts.pooled [N, H], the mean final hidden
+                          state over each response (forward.response_mean)
+      check(args, on)     one-line problems with the flags (on: the mode has the term), before any model loads
+      complete(args, on)  fill defaults that depend on other flags
+      warmup_steps(args)  steps of rollouts (numbered -W..-1) the term trains on before the policy's first
+      weight(args)        the coefficient its bonus carries (--normalise-terms weighs by it)
+      __init__(run)       its state, built once from the run (run.Run)
+      score(run, rollouts, step) -> (bonus [N] added to each rollout's reward before group
+                          normalisation, or None; step rewards [N, T] added to the per-token
+                          advantages, or None; {metric: float})
+      state_dict() / load_state_dict(state): define both and the run's checkpoints keep the
+                          term's state (under its name) and a --resume restores it
+    """
+    title = None
+    metrics = {}
+    flags = ()
+    pooled = False
+
+    @staticmethod
+    def check(args, on):
+        return []
+
+    @staticmethod
+    def complete(args, on):
+        pass
+
+    @staticmethod
+    def warmup_steps(args):
+        return 0
+
+    @staticmethod
+    def weight(args):
+        return 1.0
+
+    def __init__(self, run):
+        pass
+
+    def score(self, run, rollouts, step):
+        raise NotImplementedError
 
 
-@reward_term("critic", CRITIC_METRICS, weight=lambda args: args.critic_coef)
-def critic_credit(run, rollouts, step):
-    """The contrastive critic's values of the states a rollout writes; with --critic-online the
-    critic then trains on them (critic.written_rows: hindsight from the rollouts themselves)."""
-    values = state_values(rollouts.problems, rollouts.texts, run.critic)
-    initial = initial_values(rollouts.problems, run.critic) if run.args.critic_credit == "potential" else None
-    bonus, steps, metrics = state_credit(run, rollouts, values, initial)
-    if run.critic_trainer is not None:
-        metrics.update(train_critic_online(run, rollouts, step))
-    return bonus, steps, metrics
+REWARD_TERMS = {}  # name -> RewardTerm subclass, in registration order (the order terms are scored in)
 
 
-def train_critic_online(run, rollouts, step):
-    """One critic update on every process's rows: the same rows and seed everywhere, so the
-    replicas stay equal with no gradient collective (the critic lives on the host)."""
-    rows = [row for p, text in zip(rollouts.problems, rollouts.texts)
-            for row in critic.written_rows(p.nums, p.target, [s for _, s in answers.extract_states(text)])]
-    rows = all_gather_lists(rows, run.world)
-    loss = run.critic_trainer.step(random.Random(seed_for(run.args.seed, "critic-online", step)), rows)
-    metrics = {"online_rows": float(len(rows))}  # the same on every rank, as the loss and AUROCs
-    if loss is not None:
-        metrics["online_loss"] = loss
-    if (step + 1) % run.args.eval_every == 0 or step + 1 == run.args.steps:
-        run.critic_trainer.recalibrate()
-        metrics.update({f"auroc_{k}": v for k, v in run.critic_trainer.evaluate().items()})
-    return metrics
+def reward_term(name):
+    """Register a RewardTerm subclass as the term of mode `name`."""
+    def register(cls):
+        REWARD_TERMS[name] = cls
+        return cls
+    return register
 
 
-@reward_term("oracle", STATE_METRICS, weight=lambda args: args.critic_coef)
-def oracle_credit(run, rollouts, step):
-    """The exact oracle's 0/1 values of the same states (the upper bound of the critic)."""
-    values = state_values(rollouts.problems, rollouts.texts)
-    return state_credit(run, rollouts, values, initial_values(rollouts.problems))
+def mode_terms(mode):
+    """The reward terms a mode adds, in registry order: "clipo+critic" -> ("critic", "clipo")."""
+    parts = set(mode.split("+"))
+    return tuple(name for name in REWARD_TERMS if name in parts)
 
 
-@reward_term("clipo", clipo.METRICS, needs_hidden=True, weight=lambda args: args.clipo_lambda)
-def clipo_bonus(run, rollouts, step):
-    """CLIPO's per-rollout bonus; its head trains on this step's rollouts first. During the head's
-    warm-up (steps below 0, before the policy's first: train.clipo_warmup) no bonus is given."""
-    generator = torch.Generator(run.device).manual_seed(seed_for(run.args.seed, "clipo", step, run.rank))
-    bonus, stats = run.clipo.step(rollouts.pooled, rollouts.correct.to(run.device), run.args.group_size, generator,
-                                  run.world)
-    return (None if step < 0 else bonus.cpu()), None, {k: v.item() for k, v in stats.items()}
+def flag_groups():
+    """[(title, flags)] of the registered terms, each flag once, under the class that declares it
+    (the critic and the oracle share their credit's flags)."""
+    groups = {}
+    for cls in REWARD_TERMS.values():
+        for owner in reversed(cls.__mro__):
+            if vars(owner).get("flags") and owner not in groups:
+                groups[owner] = (owner.title, owner.flags)
+    return list(groups.values())

@@ -1,7 +1,7 @@
 """One RL step, top to bottom: draw prompts, roll out, score, normalise, update.
 
     python train.py --mode grpo                 # train.py runs the loop; rl_step is one step of it
-    python train.py --mode clipo+critic         # a mode names reward terms (rewards.REWARD_TERMS)
+    python train.py --mode clipo+critic         # a mode names reward terms (rewards.RewardTerm)
 
 rl_step(run, step) fills one `Rollouts`, in six stages numbered as in the code:
  1. prompts: the same global list on every process, each takes its slice (a group never spans
@@ -10,16 +10,17 @@ rl_step(run, step) fills one `Rollouts`, in six stages numbered as in the code:
     signal (--oversample, --max-sample-rounds), then packed into [N, T] rows with the sampler's
     log-probs;
  3. old pass: one no-grad forward for the old log-probs at the sampling temperature, entropies,
-    the reference's log-probs (--kl-coef) and the pooled hidden states a reward term asks for (CLIPO);
+    the reference's log-probs (--kl-coef) and the pooled hidden states a reward term asks for;
  4. rewards: outcome 1 (+ --format-reward, 0 by default), plus each reward term of the mode;
  5. advantages: group-normalised rewards (--normalise-terms: each term apart), plus the
     rewards-to-go of the terms' step rewards; --mask-truncated takes cut rollouts out of the loss;
  6. update: --ppo-epochs x --minibatches clipped updates (--entropy-coef, --tis-cap).
 Forwards run in micro-batches of rows sorted by length, each cut to its longest row: rollouts
 that hit the token limit no longer pad everyone else. A group's rows stay in one micro-batch so
-each prompt runs once per forward (grpo's prompt-shared forward; --no-shared-prompt: off). `run` is run.Run (model, optimizer,
-tokenizer, flags as run.args); the step returns its metrics (train.METRICS), reduced by name.
-Imports: answers, countdown, grpo, rewards, sample, model, distributed, torch.
+each prompt runs once per forward (forward.py's prompt-shared forward; --no-shared-prompt: off).
+`run` is run.Run (model, optimizer, tokenizer, flags as run.args, the mode's reward terms as
+run.terms); the step returns its metrics, each added where it is computed (metrics.StepMetrics).
+Imports: answers, countdown, forward, grpo, metrics, rewards, sample, model, distributed, torch.
 """
 import math
 import random
@@ -29,9 +30,11 @@ import torch
 
 import answers
 import countdown
+import forward
 import grpo
 import rewards
-from distributed import all_reduce, clock, gradient_sync, seed_for
+from distributed import all_reduce, gradient_sync, seed_for
+from metrics import StepMetrics
 from model import encode_prompt
 from sample import sample
 
@@ -52,13 +55,13 @@ class Rollouts:
     old_logp: torch.Tensor = None      # [N, T] the same under the trainer's forward of the sampling weights
     entropy: torch.Tensor = None       # [N, T] entropy of that policy at each response token
     ref_logp: torch.Tensor = None      # [N, T] log-probs under the frozen reference (--kl-coef > 0)
-    pooled: torch.Tensor = None        # [N, H] mean final hidden state over response tokens (terms that ask)
+    pooled: torch.Tensor = None        # [N, H] mean final hidden state over response tokens (a term's `pooled`)
     correct: torch.Tensor = None       # [N] 1 when the solution verifies
     formatted: torch.Tensor = None     # [N] 1 when a <Solution> block parses
     reward: torch.Tensor = None        # [N] outcome + format + the terms' bonuses
     step_rewards: torch.Tensor = None  # [N, T] the terms' per-token rewards, summed (0 elsewhere)
     advantages: torch.Tensor = None    # [N, T] group-normalised reward + rewards-to-go of step_rewards
-    loss_mask: torch.Tensor = None     # [N, T] the tokens the loss reads: the response (--mask-truncated: of finished rows)
+    loss_mask: torch.Tensor = None     # [N, T] the tokens the loss reads (--mask-truncated: finished rows only)
     bonuses: dict = None               # term name -> [N] its bonus in the reward (step rewards not included)
 
     @property
@@ -139,7 +142,7 @@ def roll_out(run, step, keep):
     chosen = choose_groups(flat, keep)
     rows = [g * group + j for g in chosen for j in range(group)]
     tokens = [pooled["tokens"][i] for i in rows]
-    ids, attention, response, start = grpo.pack_rollouts([pooled["prompts"][g] for g in chosen], tokens,
+    ids, attention, response, start = forward.pack_rollouts([pooled["prompts"][g] for g in chosen], tokens,
                                                          run.tokenizer.pad_token_id, run.device)
     sampler_logp = torch.zeros_like(response, device="cpu")
     for k, i in enumerate(rows):
@@ -150,8 +153,9 @@ def roll_out(run, step, keep):
     return r, sum(flat) / len(flat), round_ + 1
 
 
-def old_pass(run, r, hidden):
-    """No-grad forward over every row: fills r.old_logp, r.entropy, r.ref_logp, r.pooled."""
+def old_pass(run, r, pooled):
+    """No-grad forward over every row: fills r.old_logp, r.entropy, r.ref_logp, and r.pooled
+    when a reward term asks for it (`pooled`)."""
     r.old_logp, r.entropy = torch.zeros_like(r.response), torch.zeros_like(r.response)
     r.ref_logp = torch.zeros_like(r.response) if run.ref_model else None
     with torch.no_grad(), run.autocast():
@@ -159,16 +163,16 @@ def old_pass(run, r, hidden):
             groups = None if run.groups is None else idx // run.groups  # on the host: no device sync
             idx = idx.to(r.ids.device)
             rows = (r.ids[idx, :width], r.attention[idx, :width], r.response[idx, :width])
-            out = grpo.sequence_logprobs(run.train_model, *rows, start=r.start, entropy=True, hidden=hidden,
-                                         groups=groups, temperature=run.args.temperature)
+            out = forward.sequence_logprobs(run.train_model, *rows, start=r.start, entropy=True, hidden=pooled,
+                                            groups=groups, temperature=run.args.temperature)
             r.old_logp[idx, :width], r.entropy[idx, :width] = out.logp, out.entropy
-            if hidden:
-                chunk = run.clipo.head.pool(out.hidden, r.response[idx, :width])
+            if pooled:
+                chunk = forward.response_mean(out.hidden, r.response[idx, :width])
                 r.pooled = chunk.new_zeros((len(r.tokens), chunk.shape[-1])) if r.pooled is None else r.pooled
                 r.pooled[idx] = chunk
             if r.ref_logp is not None:
-                r.ref_logp[idx, :width] = grpo.sequence_logprobs(run.ref_model, *rows, start=r.start, groups=groups,
-                                                                 temperature=run.args.temperature).logp
+                r.ref_logp[idx, :width] = forward.sequence_logprobs(run.ref_model, *rows, start=r.start, groups=groups,
+                                                                    temperature=run.args.temperature).logp
 
 
 def score(run, r, step):
@@ -178,8 +182,8 @@ def score(run, r, step):
     r.reward = r.correct + run.args.format_reward * r.formatted
     r.step_rewards = torch.zeros_like(r.response)
     r.bonuses, metrics = {}, {}
-    for name in run.terms:
-        bonus, step_rewards, term_metrics = rewards.REWARD_TERMS[name].score(run, r, step)
+    for name, term in run.terms.items():
+        bonus, step_rewards, term_metrics = term.score(run, r, step)
         if bonus is not None:
             r.reward = r.reward + bonus
             r.bonuses[name] = bonus
@@ -189,10 +193,23 @@ def score(run, r, step):
     return metrics
 
 
+def update_stats(args):
+    """The names update() reports: its loss, approx. KL and clip fraction (and KL to the reference)."""
+    return ("loss", "kl", "clip_frac", "kl_ref") if args.kl_coef else ("loss", "kl", "clip_frac")
+
+
+def loss_variant(run):
+    """The clipped surrogate the flags ask for (grpo.Loss)."""
+    args = run.args
+    return grpo.Loss(ratio=args.ratio, agg=args.agg, clip_low=args.clip_low, clip_high=args.clip_high,
+                     kl_coef=args.kl_coef, entropy_coef=args.entropy_coef, max_length=run.max_new_tokens)
+
+
 def update(run, r):
     """--ppo-epochs x --minibatches optimizer steps; each minibatch accumulates its micro-batches'
-    gradients, its loss normalised by the whole global minibatch's tokens (or rows) the loss reads."""
-    args, world = run.args, run.world
+    gradients, its loss normalised by the whole global minibatch's tokens (or rows) the loss reads.
+    Returns the means of update_stats over them."""
+    args, world, variant = run.args, run.world, loss_variant(run)
     # minibatch k: the groups g with g % M == k, so M minibatches are the same on 1 or N processes
     minibatches = [micro_batches([i for i in range(len(r.tokens)) if (i // args.group_size) % args.minibatches == k],
                                  r.lengths, r.start, args.micro_batch, run.groups) for k in range(args.minibatches)]
@@ -206,13 +223,13 @@ def update(run, r):
     with run.training():
         for _ in range(args.ppo_epochs):
             for k, chunks in enumerate(minibatches):
-                update_minibatch(run, r, chunks, max(counts[f"tokens/{k}"], 1.0) / world,
+                update_minibatch(run, r, chunks, variant, max(counts[f"tokens/{k}"], 1.0) / world,
                                  max(counts[f"rows/{k}"], 1.0) / world, sums)
     means = (sums / max(1, args.ppo_epochs * args.minibatches)).tolist()
-    return dict(zip(("loss", "kl", "clip_frac", "kl_ref"), means))
+    return dict(zip(update_stats(args), means))
 
 
-def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
+def update_minibatch(run, r, chunks, variant, num_tokens, num_sequences, sums):
     """One optimizer step on a minibatch, its micro-batches' gradients accumulated; adds the
     loss and token-weighted stats into `sums`."""
     args = run.args
@@ -222,19 +239,17 @@ def update_minibatch(run, r, chunks, num_tokens, num_sequences, sums):
         idx = idx.to(r.ids.device)
         last = j == len(chunks) - 1  # only the last micro-batch's backward reduces gradients
         with gradient_sync(run.train_model, last), run.autocast():
-            new = grpo.sequence_logprobs(run.train_model, r.ids[idx, :width], r.attention[idx, :width],
-                                         r.response[idx, :width], start=r.start, groups=groups,
-                                         entropy=args.entropy_coef > 0, temperature=args.temperature)
+            new = forward.sequence_logprobs(run.train_model, r.ids[idx, :width], r.attention[idx, :width],
+                                            r.response[idx, :width], start=r.start, groups=groups,
+                                            entropy=args.entropy_coef > 0, temperature=args.temperature)
             old = r.old_logp[idx, :width]
             # the sampler and the trainer's old policy differ with --bf16 rollouts and top-k / top-p
             weights = grpo.tis_weights(old, r.sampler_logp[idx, :width], args.tis_cap) if args.tis_cap else None
             mask = r.loss_mask[idx, :width]
-            loss, stats = grpo.policy_loss(
-                new.logp, old, r.advantages[idx, :width], mask, clip_low=args.clip_low,
-                clip_high=args.clip_high, ratio=args.ratio, agg=args.agg, kl_coef=args.kl_coef,
-                ref_logp=None if r.ref_logp is None else r.ref_logp[idx, :width], entropy=new.entropy,
-                entropy_coef=args.entropy_coef, weights=weights, num_tokens=num_tokens, num_sequences=num_sequences,
-                max_length=run.max_new_tokens)
+            loss, stats = grpo.policy_loss(new.logp, old, r.advantages[idx, :width], mask, variant,
+                                           ref_logp=None if r.ref_logp is None else r.ref_logp[idx, :width],
+                                           entropy=new.entropy, weights=weights, num_tokens=num_tokens,
+                                           num_sequences=num_sequences)
             loss.backward()
         # the chunk losses add up; their stats are token means: weight them by their share of the
         # minibatch's tokens over all processes (the mean of per-process means would differ)
@@ -274,7 +289,7 @@ def advantages(run, r):
     """[N, T]: the group-normalised reward of each rollout at every token, plus the rewards-to-go
     of the terms' step rewards. --normalise-terms: the outcome (+ format) and each term's bonus
     are normalised within the group apart, and the bonuses added at their weights |coefficient|
-    (rewards.REWARD_TERMS[name].weight), so a term's scale no longer decides its share."""
+    (its RewardTerm.weight), so a term's scale no longer decides its share."""
     args, scale = run.args, not run.args.no_scale_adv
     if not args.normalise_terms:
         outcome = grpo.group_advantages(r.reward.to(run.device), args.group_size, scale=scale)
@@ -282,7 +297,7 @@ def advantages(run, r):
         outcome = grpo.group_advantages((r.correct + args.format_reward * r.formatted).to(run.device),
                                         args.group_size, scale=scale)
         for name, bonus in r.bonuses.items():
-            weight = abs(rewards.REWARD_TERMS[name].weight(args))
+            weight = abs(run.terms[name].weight(args))
             outcome = outcome + weight * grpo.group_advantages(bonus.to(run.device), args.group_size, scale=scale)
     return outcome[:, None] + grpo.rewards_to_go(r.step_rewards)
 
@@ -295,8 +310,7 @@ def bonus_shifts(run, r):
     shifts = {}
     for name, bonus in r.bonuses.items():
         if args.normalise_terms:
-            change = abs(rewards.REWARD_TERMS[name].weight(args)) * grpo.group_advantages(bonus, args.group_size,
-                                                                                          scale=scale)
+            change = abs(run.terms[name].weight(args)) * grpo.group_advantages(bonus, args.group_size, scale=scale)
         else:
             change = (grpo.group_advantages(r.reward, args.group_size, scale=scale)
                       - grpo.group_advantages(r.reward - bonus, args.group_size, scale=scale))
@@ -313,58 +327,51 @@ def loss_mask(r, mask_truncated):
 
 
 def rl_step(run, step):
-    args, group = run.args, run.args.group_size
+    """One RL step (the module docstring's six stages); the step's metrics, the same on every
+    process, each added where it is computed (metrics.LOOP and the terms' say what they mean)."""
+    args, m = run.args, StepMetrics(run.device)
     # 1-2. prompts and rollouts: this process's slice of each round's global list, G samples each
-    per_rank = args.prompts_per_step // run.world
-    t0 = clock(run.device)
-    r, sampled_flat, rounds = roll_out(run, step, keep=per_rank)
-    t1 = clock(run.device)
+    with m.seconds("time_sample"):
+        r, sampled_flat, rounds = roll_out(run, step, keep=args.prompts_per_step // run.world)
+    m.count("rollouts", len(r.tokens))
+    m.count("groups", len(r.tokens) / args.group_size)
+    m.count("tokens", r.response.sum().item())
+    m.mean("sampled_zero_adv_frac", sampled_flat, "processes")
+    m.mean("sample_rounds", rounds, "processes")
+    m.mean("response_length_mean", sum(r.lengths), "rollouts")
+    m.most("response_length_max", max(r.lengths))
+    m.mean("truncated_frac", len(r.tokens) - sum(r.finished), "rollouts")
     # 3. old pass
-    old_pass(run, r, hidden=any(rewards.REWARD_TERMS[name].needs_hidden for name in run.terms))
-    t2 = clock(run.device)
-    # 4. rewards
-    term_metrics = score(run, r, step)
-    # 5. advantages, and the tokens the loss reads (--mask-truncated: none of a rollout cut by the budget;
-    # its reward still counts in its group's mean and std, as DAPO's overlong filtering does)
-    r.advantages = advantages(run, r)
-    term_metrics.update(bonus_shifts(run, r))
-    r.loss_mask = loss_mask(r, args.mask_truncated)
-    t3 = clock(run.device)
-    # 6. update (steps below 0 are CLIPO's head warm-up: the head trains, the policy does not)
-    warming = step < 0
-    update_stats = dict.fromkeys(("loss", "kl", "clip_frac", "kl_ref"), 0.0) if warming else update(run, r)
-    t4 = clock(run.device)
-
-    grouped, lengths = r.reward.view(-1, group), r.lengths
-    first = r.advantages[:, r.start]  # the first response token's advantage
-    guesses = sum(answers.failure(p.nums, p.target, text, done) == "guess"
-                  for p, text, done in zip(r.problems, r.texts, r.finished))
-    searches = search_sums(r)
-    sums = {"reward": r.reward.sum().item(), "correct": r.correct.sum().item(), "formatted": r.formatted.sum().item(),
-            "guesses": guesses, **searches,
-            "adv": first.sum().item(), "adv_sq": (first ** 2).sum().item(),
-            "flat_groups": (grouped.amax(1) == grouped.amin(1)).sum().item(),
-            "entropy": (r.entropy * r.response).sum().item(), "response_tokens": r.response.sum().item(),
-            "length": sum(lengths), "rollouts": len(lengths), "sampled_flat": sampled_flat, "rounds": rounds,
-            "logp_gap": ((r.sampler_logp - r.old_logp).abs() * r.response).sum().item(),
-            "truncated": len(lengths) - sum(r.finished),
-            **update_stats, **term_metrics}
-    g = all_reduce(sums, run.world)
-    n = g["rollouts"]
-    row = {"loss": g["loss"] / run.world, "reward_mean": g["reward"] / n, "success_rate": g["correct"] / n,
-           "format_rate": g["formatted"] / n, "guess_rate": g["guesses"] / n,
-           "adv_std": math.sqrt(max(0.0, g["adv_sq"] / n - (g["adv"] / n) ** 2)),
-           "zero_adv_frac": g["flat_groups"] / (n / group), "sampled_zero_adv_frac": g["sampled_flat"] / run.world,
-           "sample_rounds": g["rounds"] / run.world, "truncated_frac": g["truncated"] / n,
-           "sampler_logp_gap": g["logp_gap"] / max(g["response_tokens"], 1), "kl": g["kl"] / run.world,
-           "clip_frac": g["clip_frac"] / run.world, "entropy": g["entropy"] / max(g["response_tokens"], 1),
-           "response_length_mean": g["length"] / n,
-           "response_length_max": all_reduce([max(lengths)], run.world, "max")[0],
-           "tokens_per_s": g["length"] / max(t1 - t0, 1e-9), "time_sample": t1 - t0, "time_reward": t3 - t2,
-           "time_train": (t2 - t1) + (t4 - t3), "time_update": t4 - t3}
-    row.update({key: g[key] / n for key in searches})
-    if args.kl_coef:
-        row["kl_ref"] = g["kl_ref"] / run.world
-    row.update({k: g[k] / run.world for k in term_metrics})
+    with m.seconds("time_train"):
+        old_pass(run, r, pooled=any(term.pooled for term in run.terms.values()))
+    m.mean("entropy", (r.entropy * r.response).sum().item(), "tokens")
+    m.mean("sampler_logp_gap", ((r.sampler_logp - r.old_logp).abs() * r.response).sum().item(), "tokens")
+    with m.seconds("time_reward"):
+        # 4. rewards
+        for name, value in score(run, r, step).items():
+            m.mean(name, value, "processes")
+        # 5. advantages, and the tokens the loss reads (--mask-truncated: none of a rollout cut by the
+        # budget; its reward still counts in its group's mean and std, as DAPO's overlong filtering does)
+        r.advantages = advantages(run, r)
+        for name, value in bonus_shifts(run, r).items():
+            m.mean(name, value, "processes")
+        r.loss_mask = loss_mask(r, args.mask_truncated)
+    grouped = r.reward.view(-1, args.group_size)
+    m.mean("reward_mean", r.reward.sum().item(), "rollouts")
+    m.mean("success_rate", r.correct.sum().item(), "rollouts")
+    m.mean("format_rate", r.formatted.sum().item(), "rollouts")
+    m.mean("zero_adv_frac", (grouped.amax(1) == grouped.amin(1)).sum().item(), "groups")
+    m.std("adv_std", r.advantages[:, r.start], "rollouts")  # the first response token's advantage
+    m.mean("guess_rate", sum(answers.failure(p.nums, p.target, text, done) == "guess"
+                             for p, text, done in zip(r.problems, r.texts, r.finished)), "rollouts")
+    for name, total in search_sums(r).items():
+        m.mean(name, total, "rollouts")
+    # 6. update (steps below 0 are a reward term's warm-up: the term trains, the policy does not)
+    with m.seconds("time_train", "time_update"):
+        stats = dict.fromkeys(update_stats(args), 0.0) if step < 0 else update(run, r)
+    for name, value in stats.items():
+        m.mean(name, value, "processes")
     run.rollouts = r
+    row, totals = m.reduce(run.world)
+    row["tokens_per_s"] = totals["response_length_mean"] / max(row["time_sample"], 1e-9)  # all ranks' tokens
     return row

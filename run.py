@@ -5,11 +5,11 @@
     save(run, step, finished)                           # a checkpoint (collective under --fsdp)
 
 The policy is a transformers causal LM with fp32 master weights. Training forwards go through
-grpo.TokenLogProbs, wrapped by DDP (several processes), or sharded with FSDP2 (`--fsdp`: each
+forward.TokenLogProbs, wrapped by DDP (several processes), or sharded with FSDP2 (`--fsdp`: each
 decoder layer and the root, bf16 compute with --bf16, fp32 sharded weights and AdamW state).
 Rollouts and evaluation sample from `rollout_model`: the policy itself, or a full copy (bf16
 with --bf16; always under --fsdp, whose policy is sharded) refreshed before each rollout phase.
-Imports: checkpoint, clipo, countdown, critic, distributed, eval, grpo, model, rewards, torch.
+Imports: checkpoint, countdown, distributed, eval, forward, model, rewards, torch.
 """
 import argparse
 import copy
@@ -19,28 +19,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import clipo
 import countdown
-import critic
-import grpo
+import forward
 import rewards
 from checkpoint import check_model_dir, latest_checkpoint, load_state, save_checkpoint
-from distributed import full_state, load_optimizer_state, seed_for, shard
+from distributed import full_state, load_optimizer_state, shard
 from eval import default_max_new_tokens, default_style
 from model import TinyTokenizer, decoder_layers, eos_token_ids, load_model, load_tokenizer, new_tiny_model
 
 DEFAULT_MODEL = os.path.join("runs", "tiny-sft")  # the warm start's run directory
-DEFAULT_CRITIC = os.path.join("runs", "critic.safetensors")
-SCRATCH = "scratch"  # --critic scratch: an untrained critic (with --critic-online)
-
-
-def mode_terms(mode):
-    """The reward terms a mode adds, in registry order: "clipo+critic" -> ("critic", "clipo")."""
-    parts = set(mode.split("+"))
-    return tuple(name for name in rewards.REWARD_TERMS if name in parts)
 
 
 @dataclass
@@ -60,14 +49,14 @@ class Run:
     model: torch.nn.Module
     """the policy (a transformers causal LM, fp32 master weights; sharded under --fsdp): trained and saved"""
     train_model: torch.nn.Module
-    """grpo.TokenLogProbs of the policy as training forwards see it (DDP-wrapped, FSDP-sharded or compiled)"""
+    """forward.TokenLogProbs of the policy as training forwards see it (DDP-wrapped, FSDP-sharded or compiled)"""
     rollout_model: torch.nn.Module
     """what samples and evaluates: the policy itself, or a full copy refreshed from it before each
     rollout phase (bf16 with --bf16, so the KV cache is bf16 and no autocast re-casts it)"""
     optimizer: torch.optim.Optimizer
     """AdamW over the policy's weights"""
-    terms: tuple
-    """the reward terms of the mode (rewards.REWARD_TERMS keys), e.g. ("critic", "clipo")"""
+    terms: dict
+    """the mode's reward terms, name -> its rewards.RewardTerm, built with the run"""
     style: str
     """prompt style: "bare" (the tiny model) or "longproc" (chat models)"""
     max_new_tokens: int
@@ -79,15 +68,9 @@ class Run:
     bf16: bool
     """--bf16: bf16 autocast in training forwards (CPU and CUDA), bf16 rollouts"""
     groups: int = None
-    """G when training forwards run each group's prompt once (grpo.can_share_prompts), else None"""
+    """G when training forwards run each group's prompt once (forward.can_share_prompts), else None"""
     ref_model: torch.nn.Module = None
     """frozen reference for the KL term (only with --kl-coef > 0)"""
-    critic: "critic.Critic" = None
-    """the contrastive critic (mode "critic")"""
-    critic_trainer: "critic.OnlineTrainer" = None
-    """trains the critic on the rollouts (--critic-online)"""
-    clipo: "clipo.ClipoModule" = None
-    """CLIPO's head and its optimizer (mode "clipo")"""
     rollouts: object = None
     """the last RL step's rl.Rollouts on this process (train.py logs a group of it to rollouts.jsonl)"""
 
@@ -111,22 +94,6 @@ class Run:
         if self.rollout_model is not self.model:
             for mine, copy_ in zip(self.model.parameters(), self.rollout_model.parameters()):
                 copy_.copy_(mine.full_tensor() if hasattr(mine, "full_tensor") else mine)
-
-
-def load_critic(args, rank, world):
-    """The critic of --critic; when the file is absent, rank 0 trains one first (5 minutes);
-    "scratch": a fresh critic (--critic-online trains it from nothing)."""
-    if args.critic == SCRATCH:
-        torch.manual_seed(seed_for(args.seed, "critic-init"))
-        return critic.Critic().eval()
-    if not os.path.exists(args.critic):
-        if rank == 0:
-            print(f"no critic at {args.critic}: training one first (python critic.py --minutes 5 --out {args.critic})")
-            os.makedirs(os.path.dirname(os.path.abspath(args.critic)), exist_ok=True)
-            critic.save(critic.train(minutes=5.0, preset=args.preset, seed=args.seed), args.critic)
-        if world > 1:
-            dist.barrier()
-    return critic.load(args.critic, args.preset)  # tiny, and it scores text on the host: it stays on the CPU
 
 
 def ddp(module):
@@ -155,7 +122,7 @@ def build_run(args, rank, world, device):
         if args.bf16:  # parameters only: buffers such as rotary frequencies stay fp32
             for p in rollout_model.parameters():
                 p.data = p.data.to(torch.bfloat16)
-    policy = grpo.TokenLogProbs(model)
+    policy = forward.TokenLogProbs(model)
     if args.fsdp:
         shard(policy, decoder_layers(model), bf16=args.bf16)
         train_model = policy
@@ -165,39 +132,29 @@ def build_run(args, rank, world, device):
         train_model = policy
     if args.compile:
         train_model = torch.compile(train_model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    terms = mode_terms(args.mode)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model,
-              train_model=train_model, rollout_model=rollout_model, optimizer=optimizer, terms=terms,
+              train_model=train_model, rollout_model=rollout_model, optimizer=optimizer, terms={},
               style=args.prompt, max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.prompt),
               eos=eos_token_ids(model, tokenizer), exclude=countdown.never_train_on(args.preset), bf16=args.bf16,
-              groups=None if args.no_shared_prompt or not grpo.can_share_prompts(model) else args.group_size)
+              groups=None if args.no_shared_prompt or not forward.can_share_prompts(model) else args.group_size)
     if args.kl_coef > 0 and args.mode != "sft":  # the frozen reference exists only when it is used
         run.ref_model = load_model(check_model_dir(args.model or DEFAULT_MODEL), device=device,
                                    dtype=torch.bfloat16 if args.bf16 else torch.float32).eval().requires_grad_(False)
-    if "critic" in terms:
-        run.critic = load_critic(args, rank, world)
-        if args.critic_online:
-            run.critic_trainer = critic.OnlineTrainer(run.critic, args.preset)
-    if "clipo" in terms:
-        torch.manual_seed(seed_for(args.seed, "clipo-init"))
-        run.clipo = clipo.ClipoModule(model.config.get_text_config().hidden_size, dim=args.clipo_dim,
-                                      kind=args.clipo_kind, temperature=args.clipo_tau, lam=args.clipo_lambda,
-                                      floor=args.clipo_floor, lr=args.clipo_lr, device=device)
+    run.terms = {name: rewards.REWARD_TERMS[name](run) for name in rewards.mode_terms(args.mode)}
     if resume is None:
         return run, 0
     state = load_state(resume)  # on the CPU; the optimizer's tensors move to their parameters' devices
     load_optimizer_state(model, optimizer, state["optimizer"], world)
-    for name, module in trained_modules(run).items():
+    for name, term in kept_terms(run).items():
         if name in state["modules"]:
-            module.load_state_dict(state["modules"][name])
+            term.load_state_dict(state["modules"][name])
     return run, state["step"]
 
 
-def trained_modules(run):
-    """The run's trained parts besides the policy, saved in and restored from checkpoints."""
-    modules = (("critic", run.critic), ("critic_online", run.critic_trainer), ("clipo", run.clipo))
-    return {name: module for name, module in modules if module is not None}
+def kept_terms(run):
+    """The reward terms with state (a state_dict), saved in and restored from checkpoints."""
+    return {name: term for name, term in run.terms.items() if hasattr(term, "state_dict")}
 
 
 def save(run, step, finished):
@@ -207,5 +164,5 @@ def save(run, step, finished):
     weights, optimizer = full_state(run.model, run.optimizer, sharded=run.args.fsdp)
     if run.rank == 0:
         save_checkpoint(run.args.out, run.model, run.tokenizer, step, optimizer_state=optimizer, model_state=weights,
-                        finished=finished, modules={name: m.state_dict() for name, m in trained_modules(run).items()},
+                        finished=finished, modules={name: t.state_dict() for name, t in kept_terms(run).items()},
                         keep=run.args.keep)

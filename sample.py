@@ -31,7 +31,7 @@ EOS (any of several ids) and stop strings are checked on the host every step on 
 reading the tokens is free, and every 8 steps on an accelerator (sync_every); finished rows stay
 in the batch, their output ignored, until a check finds them a quarter of it: then the live rows
 are packed to the front of the same buffers (their written columns only) and the batch shrinks.
-Imports: torch, transformers, llama_step.
+Imports: torch, transformers, llama_step, model (the cache keyword).
 """
 import weakref
 from dataclasses import dataclass
@@ -40,6 +40,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 import llama_step
+from model import cache_keyword
 
 
 LEAVE_FRACTION = 0.25  # finished rows leave the batch once they are this fraction of it
@@ -110,7 +111,7 @@ def decode_step(model, qkv, cache, token, noise, pads, slot, temperature, top_k,
         logits = llama_step.logits(model, qkv, cache, token, mask, (slot - pads)[:, None])
     else:
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=(slot - pads)[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
     return _draw(logits.float(), noise, temperature, top_k, top_p)
 
 
@@ -334,8 +335,9 @@ def sample(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=
     def noise():
         return None if temperature == 0 else _noise(generator, rows, n, vocab, num_samples, device)
     token, logprob = _draw(logits, noise(), temperature, top_k, top_p)
-    decoder = decoder_for(model, out.past_key_values, n, width + max_new_tokens)
-    decoder.start(out.past_key_values, num_samples, width - mask.sum(-1).repeat_interleave(num_samples), token)
+    prompt_cache = getattr(out, cache_keyword(model))
+    decoder = decoder_for(model, prompt_cache, n, width + max_new_tokens)
+    decoder.start(prompt_cache, num_samples, width - mask.sum(-1).repeat_interleave(num_samples), token)
     del out
     alive = [True] * n                                 # per batch row, on the host
     tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)

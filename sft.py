@@ -20,7 +20,7 @@ import random
 import torch
 
 import countdown
-import grpo
+import forward
 from distributed import all_reduce, clock, seed_for
 from model import encode_prompt
 
@@ -58,11 +58,11 @@ def sft_step(run, step):
     batch = sft_pool(args.seed, args.preset, run.style, args.skip, args.cut or 2 * run.max_new_tokens,
                      args.batch_size // run.world, pool_index, run.rank, run.tokenizer, run.exclude)[part]
     t0 = clock(run.device)
-    ids, attention, response, start = grpo.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
+    ids, attention, response, start = forward.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
                                                          run.tokenizer.pad_token_id, run.device)
     with run.training():
         with run.autocast():
-            out = grpo.sequence_logprobs(run.train_model, ids, attention, response, start=start)
+            out = forward.sequence_logprobs(run.train_model, ids, attention, response, start=start)
         loss = -out.logp.sum() / response.sum()
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()

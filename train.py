@@ -10,7 +10,7 @@ mode names).
 
 A run directory (checkpoint.py) holds step-numbered checkpoints (save_pretrained directories plus
 trainer_state.pt) and a `latest` pointer, `metrics.jsonl` (one line per step, keys in
-metric_docs()) and `args.json`. Ctrl-C or SIGTERM finishes the current step on every rank,
+metrics.docs()) and `args.json`. Ctrl-C or SIGTERM finishes the current step on every rank,
 saves, and exits 0 (a second signal: exit at once). Randomness is a pure function of (seed,
 step, rank), so a resumed run replays exactly. run.py builds what a step reads; rl.py and
 sft.py are the steps; this file is the flags, their checks, and the loop.
@@ -26,57 +26,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import answers
-import clipo
-import critic
 import countdown
 import grpo
 import rewards
 import rl
 import sft
+import terms  # noqa: F401  (registers the built-in reward terms: their modes and flags)
 from checkpoint import (LOGGERS, Mirror, append_metrics, check_model_dir, latest_checkpoint, load_state, missing_logger,
                         read_args, record_args, truncate_metrics)
 from distributed import StopRequest, all_reduce, cpu_threads, launch, processes, seed_for
 from eval import evaluate, wilson
-from run import DEFAULT_CRITIC, DEFAULT_MODEL, SCRATCH, build_run, save
-METRICS = {  # what each line of metrics.jsonl holds; the reward terms add theirs (metric_docs)
-    "step": "optimizer steps done", "lr": "learning rate of the step",
-    "loss": "training loss (SFT: cross-entropy per token; RL: clipped surrogate + KL)",
-    "reward_mean": "mean total reward of the rollouts", "success_rate": "fraction of rollouts that verify",
-    "format_rate": "fraction of rollouts with a parsable <Solution> block",
-    "guess_rate": "fraction of rollouts with a <Solution> block after a search that never hit the target",
-    "adv_std": "std of the advantages", "zero_adv_frac": "fraction of groups whose rewards are all equal (no signal)",
-    "sampled_zero_adv_frac": "the same among all sampled groups, before --oversample chose",
-    "sample_rounds": "rounds of rollouts the step drew (--max-sample-rounds; mean over processes)",
-    "truncated_frac": "fraction of rollouts cut by the token budget (--mask-truncated takes them out of the loss)",
-    "sampler_logp_gap": "mean |sampler log-prob - trainer's old log-prob| over response tokens (bf16 rollouts, "
-                        "top-k/top-p; --tis-cap corrects for it)",
-    "kl": "approx. KL(old || new) over the updates", "kl_ref": "k3 KL to the reference (with --kl-coef)",
-    "clip_frac": "fraction of tokens whose ratio was clipped",
-    "clipo_warmup": "CLIPO's head warm-up step of a step-0 row (the policy is not updated; --clipo-warmup)",
-    "entropy": "mean token entropy of the sampling distribution (at --temperature) over the rollouts",
-    "response_length_mean": "mean rollout length (tokens)", "response_length_max": "longest rollout (tokens)",
-    "tokens_per_s": "sampled tokens per second (all ranks)",
-    "time_sample": "seconds sampling", "time_reward": "seconds scoring (decode, verify, the mode's reward terms)",
-    "time_train": "seconds in forward/backward passes (the old-log-prob pass and the updates)",
-    "time_update": "of those, seconds in the updates (RL); every time_* waits for the device first",
-    "heldout/success_rate": "greedy success on held-out problems (every --eval-every steps)",
-    "heldout/success_low": "its 95% Wilson interval, lower end", "heldout/success_high": "and upper end",
-    **{f"search/{key}": f"per rollout: {meaning}" for key, meaning in answers.SEARCH_COUNTS.items()},
-    "search/solved_with_errors": "fraction of rollouts that verify with a process error in their search",
-    **{f"heldout/{key}": f"per held-out answer: {meaning}" for key, meaning in answers.SEARCH_COUNTS.items()},
-    "heldout/solved_with_errors": "fraction of held-out answers that verify with a process error in their search",
-    **{f"heldout/failed_{kind.replace(' ', '_')}": f"fraction of held-out answers that failed: {kind} (answers.failure)"
-       for kind in answers.FAILURES[1:]},
-}
-
-
-def metric_docs():
-    """Every key a line of metrics.jsonl may hold, with its meaning: the loop's, then each reward
-    term's as "<term>/<metric>"."""
-    docs = dict(METRICS)
-    for name, term in rewards.REWARD_TERMS.items():
-        docs.update({f"{name}/{k}": meaning for k, meaning in term.metrics.items()})
-    return docs
+from run import DEFAULT_MODEL, build_run, save
 
 
 def modes():
@@ -84,106 +44,112 @@ def modes():
     return ("sft", "grpo", *rewards.REWARD_TERMS)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default: its value, or in words in the help (a default set by mode)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+def parser():
+    """train.py's flags, in groups: the run, SFT, RL, each reward term's (rewards.flag_groups), hardware."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                 epilog="Every metric a run logs, and what it means: python metrics.py")
+    run = ap.add_argument_group("run")
+    run.add_argument("--mode", default="grpo", help=f"one of {', '.join(modes())}; RL modes combine, e.g. clipo+critic")
+    run.add_argument("--model", help=f"model directory or hub name (default: RL {DEFAULT_MODEL}; SFT a new tiny model)")
+    run.add_argument("--out", help=f"run directory (default: runs/<mode>; SFT {DEFAULT_MODEL})")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--seed", type=int, default=0, help="every random draw is a function of (seed, step, rank)")
+    run.add_argument("--steps", type=int, help="optimizer steps (default: 1500 SFT, 250 RL)")
+    run.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 SFT, 1e-4 RL)")
+    run.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine to 10%%")
+    run.add_argument("--grad-clip", type=float, default=1.0, help="gradients are clipped to this global norm")
+    run.add_argument("--prompt", choices=("bare", "longproc"),
+                     help="prompt style (default: bare for the tiny model, longproc for a chat model)")
+    run.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny",
+                     help="problem distribution (countdown.PRESETS): tiny, or longproc (LongProc 0.5k)")
+    run.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 250 SFT, 25 RL)")
+    run.add_argument("--eval-problems", type=int, default=1000, help="held-out problems (greedy) per evaluation")
+    run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
+    run.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
+    run.add_argument("--log", action="append", choices=LOGGERS, default=[],
+                     help="also send every metric to tensorboard or wandb (optional packages; repeat for both)")
+    run.add_argument("--log-rollouts-every", type=int,
+                     help="steps between groups of rollouts written to rollouts.jsonl (default: --eval-every)")
+    sft_flags = ap.add_argument_group("SFT")
+    sft_flags.add_argument("--batch-size", type=int, default=32, help="sequences per step (global)")
+    sft_flags.add_argument("--skip", type=float, default=0.1,
+                           help="each written move of a demonstration is passed over with this probability, blind "
+                                "to the target (countdown.search_trace); 0: the reference search, every move")
+    sft_flags.add_argument("--cut", type=int, help="demonstrations are cut at this many tokens (default: 2x the RL "
+                                                   "budget, --max-new-tokens)")
+    rl_flags = ap.add_argument_group("RL (docs/grpo.md: their TRL / verl names)")
+    rl_flags.add_argument("--prompts-per-step", type=int, default=16, help="global; must divide by the world size")
+    rl_flags.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
+    rl_flags.add_argument("--max-new-tokens", type=int,
+                          help="rollout and evaluation budget (default: 160 bare prompts, 1024 longproc)")
+    rl_flags.add_argument("--temperature", type=float, default=1.0,
+                          help="sampling temperature; the trainer's log-probs are of the same tempered distribution")
+    rl_flags.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (the trainer does not filter)")
+    rl_flags.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
+    rl_flags.add_argument("--oversample", type=float, default=0.0,
+                          help="draw this fraction more prompts and train on the groups with signal first (DAPO)")
+    rl_flags.add_argument("--max-sample-rounds", type=int, default=4,
+                          help="draw and roll out more prompts, up to this many rounds, until the step has its "
+                               "groups with signal (DAPO's dynamic sampling; 1: one draw)")
+    rl_flags.add_argument("--mask-truncated", action="store_true",
+                          help="rollouts cut by the token budget add no loss (their rewards still count in the group)")
+    rl_flags.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight in the loss")
+    rl_flags.add_argument("--tis-cap", type=float, default=0.0,
+                          help="truncated importance weights min(pi_old / pi_sampler, C) on the loss; 0: off")
+    rl_flags.add_argument("--normalise-terms", action="store_true",
+                          help="normalise the outcome and each reward term within the group apart, then add them")
+    rl_flags.add_argument("--ppo-epochs", type=int, default=1, help="passes of updates over each step's rollouts")
+    rl_flags.add_argument("--minibatches", type=int, default=2, help="optimizer steps per pass (groups split evenly)")
+    rl_flags.add_argument("--micro-batch", type=int, default=16, help="rows per forward (sorted by length)")
+    rl_flags.add_argument("--no-shared-prompt", action="store_true",
+                          help="run each rollout's prompt in its own row (default: once per group, where exact)")
+    rl_flags.add_argument("--clip-low", type=float, default=0.2, help="the ratio is clipped below at 1 - this")
+    rl_flags.add_argument("--clip-high", type=float, default=0.28, help="and above at 1 + this (DAPO's clip-higher)")
+    rl_flags.add_argument("--ratio", choices=grpo.RATIOS, default="token",
+                          help="token (GRPO), sequence (GSPO) or geometric (GMPO) importance ratio (grpo.Loss)")
+    rl_flags.add_argument("--agg", choices=grpo.AGGREGATIONS, default="seq-mean-token-mean",
+                          help="how token losses add up (grpo.Loss)")
+    rl_flags.add_argument("--no-scale-adv", action="store_true", help="mean-centre advantages only (Dr. GRPO)")
+    rl_flags.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL to the frozen starting model; 0: none")
+    rl_flags.add_argument("--format-reward", type=float, default=0.0, help="added when a <Solution> block parses")
+    for title, flags in rewards.flag_groups():
+        group = ap.add_argument_group(title)
+        for flag, options in flags:
+            group.add_argument(flag, **options)
+    hardware = ap.add_argument_group("hardware")
+    hardware.add_argument("--bf16", action="store_true",
+                          help="bf16 autocast for training forwards (fp32 master weights), rollouts from a bf16 copy")
+    hardware.add_argument("--grad-checkpointing", action="store_true",
+                          help="recompute each decoder layer in backward instead of keeping its activations")
+    hardware.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
+    hardware.add_argument("--compile", action="store_true",
+                          help="torch.compile the training forward (rollouts on a GPU replay CUDA graphs without it)")
+    hardware.add_argument("--procs", type=int, help="processes on this machine when not under torchrun "
+                                                    "(default: one per core on CPU, 1 on GPU)")
+    return ap
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", default="grpo", help=f"one of {', '.join(modes())}; RL modes combine, e.g. clipo+critic")
-    ap.add_argument("--model", help=f"model directory or hub name (RL default: {DEFAULT_MODEL}; SFT: a new tiny model)")
-    ap.add_argument("--out", help="run directory (default runs/<mode>)")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, help="optimizer steps (default: 1500 SFT, 250 RL)")
-    ap.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 SFT, 1e-4 RL)")
-    ap.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine to 10%%")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--prompt", choices=("bare", "longproc"), help="prompt style (default: bare for the tiny model)")
-    ap.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny",
-                    help="problem distribution (countdown.PRESETS): tiny, or longproc (LongProc 0.5k)")
-    ap.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 250 SFT, 25 RL)")
-    ap.add_argument("--eval-problems", type=int, default=1000, help="held-out problems (greedy) per evaluation")
-    ap.add_argument("--save-every", type=int, default=50)
-    ap.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
-    ap.add_argument("--log", action="append", choices=LOGGERS, default=[],
-                    help="also send every metric to tensorboard or wandb (optional packages; repeat for both)")
-    ap.add_argument("--log-rollouts-every", type=int,
-                    help="steps between groups of rollouts written to rollouts.jsonl (default: --eval-every)")
-    # SFT
-    ap.add_argument("--batch-size", type=int, default=32, help="SFT sequences per step (global)")
-    ap.add_argument("--skip", type=float, default=0.1,
-                    help="each written move of a demonstration is passed over with this probability, blind to the "
-                         "target (countdown.search_trace); 0: the reference search, every move")
-    ap.add_argument("--cut", type=int, help="demonstrations are cut at this many tokens (default: 2x the RL budget)")
-    # RL
-    ap.add_argument("--prompts-per-step", type=int, default=16, help="global; must divide by the world size")
-    ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (G)")
-    ap.add_argument("--max-new-tokens", type=int)
-    ap.add_argument("--temperature", type=float, default=1.0,
-                    help="sampling temperature; the trainer's log-probs are of the same tempered distribution")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (the trainer does not filter)")
-    ap.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
-    ap.add_argument("--oversample", type=float, default=0.0,
-                    help="draw this fraction more prompts and train on the groups with signal first (DAPO)")
-    ap.add_argument("--max-sample-rounds", type=int, default=4,
-                    help="draw and roll out more prompts, up to this many rounds, until the step has its groups "
-                         "with signal (DAPO's dynamic sampling; 1: one draw; docs/testbed.md: why 4)")
-    ap.add_argument("--mask-truncated", action="store_true",
-                    help="rollouts cut by the token budget add no loss (their rewards still count in the group)")
-    ap.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight in the loss")
-    ap.add_argument("--tis-cap", type=float, default=0.0,
-                    help="truncated importance weights min(pi_old / pi_sampler, C) on the loss; 0: off")
-    ap.add_argument("--normalise-terms", action="store_true",
-                    help="normalise the outcome and each reward term within the group apart, then add them")
-    ap.add_argument("--ppo-epochs", type=int, default=1)
-    ap.add_argument("--minibatches", type=int, default=2)
-    ap.add_argument("--micro-batch", type=int, default=16, help="rows per forward (sorted by length)")
-    ap.add_argument("--no-shared-prompt", action="store_true",
-                    help="run each rollout's prompt in its own row (default: once per group, where exact)")
-    ap.add_argument("--clip-low", type=float, default=0.2)
-    ap.add_argument("--clip-high", type=float, default=0.28)
-    ap.add_argument("--ratio", choices=grpo.RATIOS, default="token")
-    ap.add_argument("--agg", choices=grpo.AGGREGATIONS, default="seq-mean-token-mean",
-                    help="how token losses add up (docs/testbed.md: seq-mean-token-mean measured +2.7 points over token-mean)")
-    ap.add_argument("--no-scale-adv", action="store_true", help="mean-centre advantages only (Dr. GRPO)")
-    ap.add_argument("--kl-coef", type=float, default=0.0)
-    ap.add_argument("--format-reward", type=float, default=0.0,
-                    help="added when a <Solution> block parses; 0: RL learned to stop searching and guess for it")
-    # critic / oracle
-    ap.add_argument("--critic", default=DEFAULT_CRITIC, help="critic weights (trained first when absent); 'scratch': untrained (with --critic-online)")
-    ap.add_argument("--critic-online", action="store_true",
-                    help="the critic also trains during RL, on hindsight rows of the rollouts (no oracle)")
-    ap.add_argument("--critic-credit", choices=rewards.CREDITS, default="sequence",
-                    help="how state values become rewards (rewards.state_credit)")
-    ap.add_argument("--critic-coef", type=float, default=0.5,
-                    help="beta: weight of the state values (sequence) or of the step advantages (process)")
-    # CLIPO
-    ap.add_argument("--clipo-kind", choices=clipo.KINDS, default="infonce")
-    ap.add_argument("--clipo-tau", type=float, default=0.05)
-    ap.add_argument("--clipo-lambda", type=float, default=0.2)
-    ap.add_argument("--clipo-floor", type=float, default=-0.5)
-    ap.add_argument("--clipo-dim", type=int, default=512)
-    ap.add_argument("--clipo-lr", type=float, default=1e-3)
-    ap.add_argument("--clipo-warmup", type=int,
-                    help="steps that train only the head, before the policy's --steps (default: --steps / 10, as "
-                         "the paper's epoch of 1/10 to 1/6 of training)")
-    # hardware
-    ap.add_argument("--bf16", action="store_true",
-                    help="bf16 autocast for training forwards (fp32 master weights), rollouts from a bf16 copy")
-    ap.add_argument("--grad-checkpointing", action="store_true",
-                    help="recompute each decoder layer in backward instead of keeping its activations")
-    ap.add_argument("--fsdp", action="store_true", help="shard weights, gradients and AdamW state (FSDP2)")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the training forward (rollouts on a GPU replay CUDA graphs without it)")
-    ap.add_argument("--procs", type=int, help="processes on this machine when not under torchrun "
-                    "(default: one per core on CPU, where 2 x 1 thread beat 1 x 2 threads; 1 on GPU)")
-    args = ap.parse_args(argv)
+    """The flags, completed: the defaults a mode sets (SFT or RL), then each reward term's."""
+    args = parser().parse_args(argv)
     sft = args.mode == "sft"
     args.out = args.out or (DEFAULT_MODEL if sft else os.path.join("runs", args.mode.replace("+", "-")))
     args.steps = args.steps or (1500 if sft else 250)
     args.lr = args.lr or (3e-3 if sft else 1e-4)
     args.eval_every = args.eval_every or (250 if sft else 25)
     args.log_rollouts_every = args.log_rollouts_every or args.eval_every
-    if args.clipo_warmup is None:
-        args.clipo_warmup = max(1, args.steps // 10) if "clipo" in args.mode.split("+") else 0
+    parts = args.mode.split("+")
+    for name, term in rewards.REWARD_TERMS.items():
+        term.complete(args, name in parts)
     return args
 
 
@@ -193,8 +159,6 @@ def check_args(args, world):
     parts = set(args.mode.split("+"))
     if not parts <= set(modes()) or ("sft" in parts and len(parts) > 1):
         problems.append(f"unknown --mode {args.mode!r}: expected one of {', '.join(modes())} (RL modes joined by +)")
-    if {"critic", "oracle"} <= parts:
-        problems.append("--mode: critic and oracle are two sources of the same reward; choose one")
     if args.mode != "sft":
         if args.group_size < 2:
             problems.append(f"--group-size {args.group_size}: GRPO needs at least 2 rollouts per prompt")
@@ -209,9 +173,6 @@ def check_args(args, world):
         elif (args.prompts_per_step // world) % args.minibatches:
             problems.append(f"{args.prompts_per_step // world} prompts per process do not split into "
                             f"--minibatches {args.minibatches}")
-        if args.ratio == "geometric" and parts & {"critic", "oracle"} and args.critic_credit not in ("sequence", "prune"):
-            problems.append(f"--ratio geometric (GMPO) needs one advantage per sequence, but --critic-credit "
-                            f"{args.critic_credit} gives per-token advantages: use sequence credit or another --ratio")
     elif args.batch_size % world:
         problems.append(f"--batch-size {args.batch_size} does not divide by the {world} processes")
     if not 0 <= args.skip < 1:
@@ -235,20 +196,8 @@ def check_args(args, world):
             check_model_dir(args.model)
         except ValueError as e:
             problems.append(str(e))
-    if args.normalise_terms and "clipo" in parts:
-        problems.append("--normalise-terms with clipo: CLIPO's bonus acts through its spread among a group's "
-                        "correct responses; normalised apart it becomes a second outcome-sized signal: drop one")
-    if args.clipo_warmup < 0:
-        problems.append(f"--clipo-warmup {args.clipo_warmup}: a number of steps, 0 or more")
-    if args.critic_online and "critic" not in parts:
-        problems.append("--critic-online trains the critic of mode critic: add critic to --mode")
-    if args.critic == SCRATCH and not args.critic_online:
-        problems.append("--critic scratch is an untrained critic: it needs --critic-online")
-    if "critic" in parts and args.critic != SCRATCH and (args.critic != DEFAULT_CRITIC or os.path.exists(args.critic)):
-        try:  # a missing default critic is trained first; any other must be a critic file
-            critic.check_file(args.critic)
-        except ValueError as e:
-            problems.append(f"--critic: {e}")
+    for name, term in rewards.REWARD_TERMS.items():
+        problems += term.check(args, name in parts)
     try:  # before any process starts: an unwritable --out fails here, not in a spawned worker
         os.makedirs(args.out, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()
@@ -321,15 +270,14 @@ def warm_start_ready():
     return found is not None and load_state(found)["finished"]
 
 
-def clipo_warmup(run, args, rank, log):
-    """CLIPO's head trains alone on --clipo-warmup steps of rollouts before the policy's first
-    step (steps -W..-1: rl_step updates no policy and adds no bonus there), logged as step 0 rows
-    with "clipo_warmup"; then a checkpoint at step 0, so a resume never repeats it. A stop asked
-    for during the warm-up is honoured once it is done."""
-    for k in tqdm(range(args.clipo_warmup), desc="clipo warm-up", disable=rank != 0):
-        warm_step = k - args.clipo_warmup
-        torch.manual_seed(seed_for(args.seed, "torch", warm_step, rank))
-        row = {"step": 0, "clipo_warmup": k + 1, **rl.rl_step(run, warm_step)}
+def warm_up_terms(run, args, rank, log, steps):
+    """Reward terms that train before the policy (CLIPO's head, --clipo-warmup) get `steps` steps
+    of rollouts first, numbered -W..-1 (rl_step updates no policy and adds no bonus there), logged
+    as step 0 rows with "warmup_step"; then a checkpoint at step 0, so a resume never repeats
+    them. A stop asked for during the warm-up is honoured once it is done."""
+    for k in tqdm(range(steps), desc="warm-up", disable=rank != 0):
+        torch.manual_seed(seed_for(args.seed, "torch", k - steps, rank))
+        row = {"step": 0, "warmup_step": k + 1, **rl.rl_step(run, k - steps)}
         if rank == 0:
             log(row)
     save(run, 0, finished=False)
@@ -355,8 +303,9 @@ def train(args, rank, world, device):
         row = {"step": 0, **heldout_success(run, heldout, 0)}
         if rank == 0:
             log(row)
-    if start == 0 and not args.resume and "clipo" in run.terms and args.clipo_warmup:
-        clipo_warmup(run, args, rank, log)
+    warmup = max((term.warmup_steps(args) for term in run.terms.values()), default=0)
+    if start == 0 and not args.resume and warmup:
+        warm_up_terms(run, args, rank, log, warmup)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode, disable=rank != 0)
     step, stopping = start, False
     with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop

@@ -1,6 +1,6 @@
 """The critic's held-out AUROC by state size, over seeds, presets and samplers: a markdown table.
 
-    python bench/critic.py --minutes 10 --seeds 0 1 2                    # the README table (tiny)
+    python bench/critic.py --minutes 10 --seeds 0 1 2                    # README.md#results' critic row (tiny)
     python bench/critic.py --minutes 10 --seeds 0 1 2 --preset longproc
     python bench/critic.py --steps 800 --samplers hindsight trace        # samplers at equal steps
 

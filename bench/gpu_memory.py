@@ -14,7 +14,7 @@ tokens, micro-batch 8, --bf16 --grad-checkpointing. With P parameters, per GPU:
   activations  with activation checkpointing: every layer's input kept (micro x T x hidden; fp32
              under DDP's autocast, bf16 under FSDP2's bf16 parameters), one layer's recompute
              (MLP: ~3 x micro x T x intermediate, attention ~4 x micro x T x hidden, bf16), and
-             the LM head's logit chunks (grpo.LOGIT_CHUNK_BYTES, ~3 alive)
+             the LM head's logit chunks (forward.LOGIT_CHUNK_BYTES, ~3 alive)
   KV cache   rollouts: rows x T x layers x 2 x kv_heads x head_dim, bf16
 Framework overheads (CUDA context, allocator fragmentation, NCCL buffers: a few GB) are not in it.
 The shapes are the published configs of Qwen2.5-1.5B-Instruct and Qwen2.5-7B-Instruct.

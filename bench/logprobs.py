@@ -1,5 +1,5 @@
 """Peak memory and time of forward+backward of the taken-token log-probs: the old formulation
-(full [rows, T, vocab] logits, then logsumexp and gather) against grpo.sequence_logprobs (LM head
+(full [rows, T, vocab] logits, then logsumexp and gather) against forward.sequence_logprobs (LM head
 on response positions only, a chunk at a time, recomputed in backward). CPU, fp32, no autocast.
 
     python bench/logprobs.py          # ~5 minutes on 2 shared cores
@@ -43,8 +43,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import grpo  # noqa: E402
-from grpo import sequence_logprobs  # noqa: E402
+import forward  # noqa: E402
+from forward import sequence_logprobs  # noqa: E402
 
 VOCAB, PROMPT, RESPONSE, FULL_ROWS, REAL_ROWS = 151_936, 900, 1_024, 8, 1
 CONFIG = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -123,8 +123,8 @@ def max_gradient_diff():
     model, batch, start = make_batch(2, prompt=30, response=20)
     _, attention, response_mask = batch
     attention[1, :4], response_mask[1, -5:] = 0, 0
-    results, chunk_bytes = [], grpo.LOGIT_CHUNK_BYTES
-    grpo.LOGIT_CHUNK_BYTES = 4 * 2 * VOCAB * 8  # chunks of 8 positions
+    results, chunk_bytes = [], forward.LOGIT_CHUNK_BYTES
+    forward.LOGIT_CHUNK_BYTES = 4 * 2 * VOCAB * 8  # chunks of 8 positions
     try:
         for name in FORMULATIONS:
             model.zero_grad(set_to_none=True)
@@ -132,7 +132,7 @@ def max_gradient_diff():
             (logp * torch.linspace(-1, 1, logp.shape[1])).sum().backward()  # unequal weights per token
             results.append([logp.detach()] + [p.grad.clone() for p in model.parameters()])
     finally:
-        grpo.LOGIT_CHUNK_BYTES = chunk_bytes
+        forward.LOGIT_CHUNK_BYTES = chunk_bytes
     return max((a - b).abs().max().item() for a, b in zip(*results))
 
 

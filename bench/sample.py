@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import sample  # noqa: E402
-from model import new_tiny_model  # noqa: E402
+from model import cache_keyword, new_tiny_model  # noqa: E402
 
 
 def timed(fn):
@@ -59,8 +59,9 @@ def floor(lm, prompts, new):
     width = ids.shape[1]
     out = lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
              logits_to_keep=1)
-    decoder = sample.decoder_for(lm, out.past_key_values, len(prompts), width + new)
-    decoder.start(out.past_key_values, 1, width - mask.sum(-1), out.logits[:, -1].argmax(-1))
+    prompt_cache = getattr(out, cache_keyword(lm))
+    decoder = sample.decoder_for(lm, prompt_cache, len(prompts), width + new)
+    decoder.start(prompt_cache, 1, width - mask.sum(-1), out.logits[:, -1].argmax(-1))
     for step in range(new):
         decoder.step(len(prompts), width + step + 1, None, 0, 0, 1.0, graphed=False)
 

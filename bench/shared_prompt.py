@@ -1,5 +1,5 @@
 """Forward+backward of the taken-token log-probs with each group's prompt run once (shared:
-grpo.sequence_logprobs(..., groups=...)) against the plain forward that runs it once per row.
+forward.sequence_logprobs(..., groups=...)) against the plain forward that runs it once per row.
 CPU, fp32, no autocast, no activation checkpointing, one thread by default: on cores shared with
 other jobs, a 2-thread pass waits at every op for whichever thread was descheduled, so its time
 measures the load more than the work (--threads 2 on a quiet machine).
@@ -38,7 +38,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from grpo import sequence_logprobs  # noqa: E402
+from forward import sequence_logprobs  # noqa: E402
 from model import new_tiny_model  # noqa: E402
 
 PROMPT, RESPONSE, GROUP = 900, 500, 8

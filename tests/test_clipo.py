@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clipo import ContrastiveHead, contrastive_loss, contrastive_reward, cosine_stats
+from forward import response_mean
 
 G = 6
 CORRECT = torch.tensor([1, 1, 0, 1, 0, 0,    # valid anchors 0, 1, 3
@@ -113,7 +114,7 @@ def test_reward_and_head():
     head = ContrastiveHead(8, dim=4)
     hidden = torch.randn(3, 5, 8, dtype=torch.bfloat16)
     mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
-    z = head(hidden, mask)
+    z = head(response_mean(hidden, mask))
     assert z.dtype == torch.float32 and torch.allclose(z.norm(dim=-1), torch.ones(3))
     mean0 = hidden[0, 1:3].float().mean(0)
     assert torch.allclose(z[0], torch.nn.functional.normalize(head.proj(mean0), dim=0), atol=1e-6)

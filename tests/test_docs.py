@@ -47,3 +47,27 @@ def test_every_command_names_a_script_that_exists(page):
     assert not missing, f"{page} runs scripts that do not exist: {missing}"
     if page.startswith("docs"):  # each page opens with the commands that reproduce it
         assert scripts or "pytest" in _read(page), page
+
+
+CODE_REFERENCE = re.compile(r"\b(README\.md|docs/[\w-]+\.md)(?:#([\w-]+))?")
+VAGUE_REFERENCE = re.compile(r"README's|\(README\)|(?:README|docs/[\w-]+\.md), \"")
+
+
+def test_every_reference_from_code_to_a_page_resolves():
+    """Code points at a page as `docs/x.md` or at a heading as `docs/x.md#anchor` (GitHub's
+    anchor); each page and heading exists, and no comment names a section in words."""
+    sources = [os.path.join(d, f) for d, _, files in os.walk(ROOT) for f in files
+               if f.endswith(".py") and not {".git", "results", "runs"} & set(d[len(ROOT):].split(os.sep))
+               and f != os.path.basename(__file__)]  # this file spells the patterns out
+    broken = []
+    for path in sources:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        name = os.path.relpath(path, ROOT)
+        broken += [f"{name}: {m[0]}" for m in VAGUE_REFERENCE.finditer(text)]
+        for page, anchor in CODE_REFERENCE.findall(text):
+            if not os.path.exists(os.path.join(ROOT, page)):
+                broken.append(f"{name}: {page} does not exist")
+            elif anchor and anchor not in _anchors(_read(page)):
+                broken.append(f"{name}: {page}#{anchor} is no heading")
+    assert len(sources) > 40 and not broken, broken

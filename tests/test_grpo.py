@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from grpo import (group_advantages, normalise_step_rewards, pack_rollouts, policy_loss, rewards_to_go, sequence_logprobs,
-                  tis_weights)
+from forward import pack_rollouts, sequence_logprobs
+from grpo import Loss, group_advantages, normalise_step_rewards, policy_loss, rewards_to_go, tis_weights
 from model import new_tiny_model
 from sample import sample
 
@@ -119,9 +119,9 @@ def test_policy_loss_matches_loop_reference(ratio, agg, kl_coef, token_adv):
     ref = old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.2
     adv = torch.randn(N, T, generator=g, dtype=torch.float64) if token_adv else \
         torch.randn(N, generator=g, dtype=torch.float64)[:, None].expand(N, T)
-    kw = dict(clip_low=0.2, clip_high=0.28, ratio=ratio, agg=agg, ref_logp=ref, kl_coef=kl_coef)
+    variant = Loss(clip_low=0.2, clip_high=0.28, ratio=ratio, agg=agg, kl_coef=kl_coef, max_length=12)
     a = base.clone().requires_grad_()
-    loss, stats = policy_loss(a, old, adv, mask, max_length=12, **kw)
+    loss, stats = policy_loss(a, old, adv, mask, variant, ref_logp=ref)
     loss.backward()
     b = base.clone().requires_grad_()
     expected = _ref_loss(b, old, adv, mask, 0.2, 0.28, ratio, agg, ref, kl_coef, 12)
@@ -151,8 +151,8 @@ def test_importance_weights_and_entropy_bonus_match_the_loop_reference(ratio, ag
     ref = old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.2
     adv = torch.randn(N, T, generator=g, dtype=torch.float64)
     a, ea = base.clone().requires_grad_(), ent.clone().requires_grad_()
-    loss, stats = policy_loss(a, old, adv, mask, ratio=ratio, agg=agg, ref_logp=ref, kl_coef=0.1, entropy=ea,
-                              entropy_coef=0.03, weights=weights, max_length=12)
+    loss, stats = policy_loss(a, old, adv, mask, Loss(ratio=ratio, agg=agg, kl_coef=0.1, entropy_coef=0.03,
+                                                       max_length=12), ref_logp=ref, entropy=ea, weights=weights)
     loss.backward()
     b, eb = base.clone().requires_grad_(), ent.clone().requires_grad_()
     expected = _ref_loss(b, old, adv, mask, 0.2, 0.2, ratio, agg, ref, 0.1, 12, weights=weights, entropy=eb,
@@ -173,8 +173,8 @@ def test_entropy_bonus_gradients_through_the_model_match_a_loop_reference():
         lm = new_tiny_model(seed=3, vocab_size=40)
         if ours:
             out = sequence_logprobs(lm, ids, att, resp, entropy=True, temperature=0.7)
-            loss, _ = policy_loss(out.logp, out.logp.detach(), torch.zeros_like(resp), resp, entropy=out.entropy,
-                                  entropy_coef=0.05)
+            loss, _ = policy_loss(out.logp, out.logp.detach(), torch.zeros_like(resp), resp, Loss(entropy_coef=0.05),
+                                  entropy=out.entropy)
         else:
             logits = lm(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0)).logits
             terms = []
@@ -212,7 +212,7 @@ def test_the_trainer_s_log_probs_are_those_the_sampler_drew_from(temperature):
 
 
 def test_with_top_p_the_trainer_keeps_the_unfiltered_tempered_distribution():
-    """The documented choice (README): top-k / top-p filter the sampler only. The trainer's log-prob
+    """The documented choice (docs/grpo.md#grpo-and-the-one-loop-grpopy-rlpy-trainpy): top-k / top-p filter the sampler only. The trainer's log-prob
     of a drawn token is its tempered, unfiltered one, never above the sampler's renormalised one."""
     lm = new_tiny_model(seed=3).eval()
     prompts = [[5, 9, 11, 7]]
@@ -229,7 +229,7 @@ def test_policy_loss_kl_is_minimised_and_stats():
     old = torch.full((N, T), -1.0)
     ref = torch.full((N, T), -1.0)
     logp = torch.full((N, T), -0.5, requires_grad=True)
-    loss, stats = policy_loss(logp, old, torch.zeros(N, T), mask, ref_logp=ref, kl_coef=1.0)
+    loss, stats = policy_loss(logp, old, torch.zeros(N, T), mask, Loss(kl_coef=1.0), ref_logp=ref)
     loss.backward()
     assert loss > 0 and (logp.grad[mask > 0] > 0).all()  # descent moves logp back toward the reference
     r = math.exp(0.5)
@@ -245,14 +245,14 @@ def test_policy_loss_counts_and_errors():
     logp = old + 0.1 * torch.randn(N, T, generator=g)
     adv = torch.randn(N, generator=g)[:, None].expand(N, T)
     for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        whole, _ = policy_loss(logp, old, adv, mask, agg=agg, max_length=12)
-        parts = [policy_loss(logp[k:k + 2], old[k:k + 2], adv[k:k + 2], mask[k:k + 2], agg=agg, max_length=12,
+        whole, _ = policy_loss(logp, old, adv, mask, Loss(agg=agg, max_length=12))
+        parts = [policy_loss(logp[k:k + 2], old[k:k + 2], adv[k:k + 2], mask[k:k + 2], Loss(agg=agg, max_length=12),
                              num_tokens=mask.sum(), num_sequences=N)[0] for k in range(0, N, 2)]
         assert torch.allclose(sum(parts), whole, atol=1e-6), agg
     with pytest.raises(ValueError, match="per token"):
         policy_loss(logp, old, torch.ones(N), mask)
     with pytest.raises(ValueError):
-        policy_loss(logp, old, adv, mask, agg="mean")
+        Loss(agg="mean")
 
 
 def _padded_batch(vocab=40):
@@ -300,8 +300,8 @@ def _full_vocab_logprobs(lm, ids, att, resp):
 def test_chunked_head_gives_the_same_values_and_gradients(monkeypatch, chunk_positions):
     """Chunks of 1, 2 or all positions, each recomputed in backward: the same log-probs and the
     same parameter gradients as the plain full-vocabulary formulation."""
-    import grpo
-    monkeypatch.setattr(grpo, "LOGIT_CHUNK_BYTES", 4 * 3 * 40 * chunk_positions)  # rows x vocab x positions
+    import forward
+    monkeypatch.setattr(forward, "LOGIT_CHUNK_BYTES", 4 * 3 * 40 * chunk_positions)  # rows x vocab x positions
     _, ids, att, resp = _padded_batch()
     weights = torch.randn(resp.shape, generator=torch.Generator().manual_seed(1))
     grads = []

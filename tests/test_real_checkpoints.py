@@ -59,7 +59,7 @@ def _layer_forwards_in_update(run):
     (a pre-hook: torch stops a recompute as soon as the saved tensors it needs exist, before the
     MLP returns)."""
     r, _, _ = rl.roll_out(run, 0, keep=2)
-    rl.old_pass(run, r, hidden=False)
+    rl.old_pass(run, r, pooled=False)
     rl.score(run, r, 0)
     r.advantages = torch.randn(r.response.shape, generator=torch.Generator().manual_seed(0))
     r.loss_mask = r.response
@@ -89,7 +89,7 @@ def test_no_forward_asks_for_every_layer_or_every_position(tiny, tmp_path):
     # sampling: one position per row ([rows, 1, hidden] from the model's forward, [rows, hidden] from our step)
     assert seen and not [s for s in seen if isinstance(s, tuple) and len(s) == 3 and s[1] != 1]
     seen.clear()
-    rl.old_pass(run, r, hidden=True)
+    rl.old_pass(run, r, pooled=True)
     assert r.pooled is not None and not any(s is True for s in seen)
     heads = [s for s in seen if isinstance(s, tuple)]
     assert heads and all(s[1] <= r.ids.shape[1] - r.start for s in heads)  # response positions only
@@ -254,7 +254,7 @@ sys.exit(code)
 
 
 def test_torchrun_clipo_on_a_qwen_shaped_model_with_the_real_vocabulary(qwen_tokenizer, tmp_path):
-    """README's command with Qwen's real tokenizer: LongProc prompts through its chat template."""
+    """The command of README.md#on-8-gpus with Qwen's real tokenizer: LongProc prompts through its chat template."""
     save_qwen_like(tmp_path / "qwen")
     (tmp_path / "peak.py").write_text(PEAK)
     out = tmp_path / "run"

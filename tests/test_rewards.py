@@ -6,7 +6,9 @@ import torch
 import answers
 import countdown
 import critic
+import forward
 import rewards
+import terms
 from grpo import group_advantages, normalise_step_rewards, rewards_to_go
 from model import TinyTokenizer, token_end_offsets
 
@@ -203,7 +205,7 @@ def test_a_guess_never_out_earns_a_search_that_goes_on():
     texts = [TRACE, guess, searched[:60], searched]  # solved; a guess; out of tokens; stopped without a block
     r = rl.Rollouts(problems=[P] * 4, tokens=[[0]] * 4, texts=texts, ids=None, attention=None,
                     response=torch.zeros(4, 3), start=0)
-    rl.score(types.SimpleNamespace(args=train.parse_args([]), terms=()), r, step=0)
+    rl.score(types.SimpleNamespace(args=train.parse_args([]), terms={}), r, step=0)
     assert r.reward.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert answers.failure(P.nums, P.target, guess, True) == "guess"
 
@@ -227,15 +229,15 @@ def _returns(credit, beta):
     """Each rollout's return through rl.score and rl.advantages, the group normalisation applied:
     the advantage of its first response token (outcome + the rewards-to-go of every step)."""
     import types
-    import grpo
     import rl
     import train
     texts, tok = _four_rollouts(), TinyTokenizer()
     args = train.parse_args(["--mode", "oracle", "--critic-credit", credit, "--critic-coef", str(beta),
                              "--group-size", "4"])
-    run = types.SimpleNamespace(args=args, terms=("oracle",), tokenizer=tok, device=torch.device("cpu"))
+    run = types.SimpleNamespace(args=args, tokenizer=tok, device=torch.device("cpu"))
+    run.terms = {"oracle": rewards.REWARD_TERMS["oracle"](run)}
     tokens = [tok.encode(t) + [tok.eos_token_id] for t in texts.values()]
-    ids, attention, response, start = grpo.pack_rollouts([[5, 6]], tokens, tok.pad_token_id, "cpu")
+    ids, attention, response, start = forward.pack_rollouts([[5, 6]], tokens, tok.pad_token_id, "cpu")
     r = rl.Rollouts(problems=[P] * 4, tokens=tokens, texts=list(texts.values()), ids=ids, attention=attention,
                     response=response, start=start, finished=[True, True, True, False])
     rl.score(run, r, step=0)
@@ -246,7 +248,7 @@ def _returns(credit, beta):
 @pytest.mark.parametrize("beta", [0.1, 0.3, 0.5])
 def test_the_prune_credits_cannot_be_won_without_solving(credit, beta):
     """A guess never out-earns a search that runs out of budget, and a solved search that writes
-    dead ends never out-earns the same search without them (docs/critic.md, the credits table)."""
+    dead ends never out-earns the same search without them (docs/critic.md#from-values-to-rewards-six-credits---critic-credit)."""
     earned = _returns(credit, beta)
     assert earned["guess"] <= earned["out of budget"] + 1e-6
     assert earned["dead ends"] < earned["pruned"]
@@ -283,7 +285,6 @@ def test_a_fabricated_line_never_out_earns_an_honest_search(source, credit):
     honest search cut by the budget after a dead end (which never reached the target either), for
     every credit, from the oracle and from an ideal critic, through rl.score and rl.advantages."""
     import types
-    import grpo
     import rl
     import train
     tok = TinyTokenizer()
@@ -292,10 +293,12 @@ def test_a_fabricated_line_never_out_earns_an_honest_search(source, credit):
     assert not countdown.verify(P.nums, P.target, fabricated)
     texts = [honest, fabricated]
     args = train.parse_args(["--mode", source, "--critic-credit", credit, "--critic-coef", "0.5", "--group-size", "2"])
-    run = types.SimpleNamespace(args=args, terms=(source,), tokenizer=tok, device=torch.device("cpu"),
-                                critic=ideal_critic() if source == "critic" else None, critic_trainer=None)
+    run = types.SimpleNamespace(args=args, tokenizer=tok, device=torch.device("cpu"))
+    credit = terms.StateCredit(run)  # the critic's and the oracle's credit, valued by `critic` (None: the oracle)
+    credit.critic = ideal_critic() if source == "critic" else None
+    run.terms = {source: credit}
     tokens = [tok.encode(t) + [tok.eos_token_id] for t in texts]
-    ids, attention, response, start = grpo.pack_rollouts([[5, 6]], tokens, tok.pad_token_id, "cpu")
+    ids, attention, response, start = forward.pack_rollouts([[5, 6]], tokens, tok.pad_token_id, "cpu")
     r = rl.Rollouts(problems=[P] * 2, tokens=tokens, texts=texts, ids=ids, attention=attention,
                     response=response, start=start, finished=[False, True])
     rl.score(run, r, step=0)

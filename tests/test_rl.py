@@ -11,6 +11,7 @@ import torch
 import cli
 import countdown
 import pseudo_outcome
+import rewards
 import rl
 import run as run_module
 import train
@@ -26,7 +27,7 @@ def _run(tiny, out, *flags):
 
 def _rollouts(run, step=0):
     r, _, _ = rl.roll_out(run, step, keep=run.args.prompts_per_step)
-    rl.old_pass(run, r, hidden=False)
+    rl.old_pass(run, r, pooled=False)
     return r
 
 
@@ -94,7 +95,7 @@ def test_normalise_terms_against_a_loop():
     bonuses["critic"][4:8] = 0.3  # a group whose bonus does not vary
     args = types.SimpleNamespace(normalise_terms=True, no_scale_adv=False, format_reward=0.0, group_size=group,
                                  critic_coef=0.5, clipo_lambda=0.2)
-    run = types.SimpleNamespace(args=args, device=torch.device("cpu"))
+    run = types.SimpleNamespace(args=args, device=torch.device("cpu"), terms=rewards.REWARD_TERMS)  # weight: static
     r = types.SimpleNamespace(correct=correct, formatted=torch.zeros(n), bonuses=bonuses,
                               reward=correct + sum(bonuses.values()), step_rewards=torch.zeros(n, 3))
     got = rl.advantages(run, r)[:, 0]
@@ -141,7 +142,7 @@ def _last_row(out):
                                        (("--temperature", "0.7", "--bf16"), 0.1)])
 def test_a_run_s_old_log_probs_are_the_sampler_s(tiny, flags, gap):
     """The logged sampler_logp_gap: ~0 in fp32 at any temperature; with --bf16 rollouts it
-    measures the bf16 copy's difference (README's figure)."""
+    measures the bf16 copy's difference (the figure in docs/grpo.md#grpo-and-the-one-loop-grpopy-rlpy-trainpy)."""
     out = tiny / ("gap" + "".join(flags).replace("-", "_"))
     result = cli.run(train.main, ["--model", tiny / "model", "--out", out, "--steps", 1, "--prompts-per-step", 4,
                                   "--group-size", 4, "--max-new-tokens", 30, "--eval-every", 5, "--eval-problems", 4,

@@ -18,6 +18,7 @@ import torch
 import answers
 import cli
 import critic
+import metrics
 import pseudo_outcome
 import rewards
 import train
@@ -64,6 +65,8 @@ def _metrics(setup, name, flags, monkeypatch):
 
 def test_fixed_seed_runs_log_the_pinned_metrics(setup, monkeypatch):
     got = {name: _metrics(setup, name, flags, monkeypatch) for name, flags in RUNS.items()}
+    documented = metrics.docs()
+    assert not [k for rows in got.values() for row in rows for k in row if k not in documented]  # python metrics.py
     if os.environ.get("UPDATE_GOLDEN"):
         with open(GOLDEN, "w") as f:
             json.dump(got, f, indent=1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from grpo import can_share_prompts, pack_rollouts, sequence_logprobs
+from forward import can_share_prompts, pack_rollouts, sequence_logprobs
 from model import new_tiny_model
 
 V, G = 50, 4

@@ -17,7 +17,7 @@ SPY = f"""
 import json, sys
 sys.path.insert(0, {ROOT!r})
 import torch
-import critic, grpo, rl, train
+import critic, forward, rl, train
 import eval as evaluation
 seen = set()
 
@@ -27,7 +27,7 @@ def spy(module, name):
         seen.add(torch.get_num_threads())
         return function(*args, **kwargs)
     setattr(module, name, wrapped)
-for module, name in ((rl, "sample"), (evaluation, "sample"), (grpo, "sequence_logprobs"), (critic, "fit_batch"),
+for module, name in ((rl, "sample"), (evaluation, "sample"), (forward, "sequence_logprobs"), (critic, "fit_batch"),
                      (critic, "evaluate")):
     spy(module, name)
 out, programs = sys.argv[1], json.loads(sys.argv[2])
@@ -56,7 +56,7 @@ def _threads_seen(setup, omp):
     the other in one new process, each starting from the thread count torch chose at its start. The
     RL step of train.py: held-out evaluation, rollouts, the old pass and the update (the warm
     start runs in the same process after the same cpu_threads call, its passes through the same
-    grpo.sequence_logprobs)."""
+    forward.sequence_logprobs)."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if omp:
         env["OMP_NUM_THREADS"] = omp

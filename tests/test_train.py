@@ -1,5 +1,7 @@
 """train.py end to end on CPU: bad input, 2 processes = 1 process, exact resume after Ctrl-C,
 and the real-model path (a transformers tokenizer with a chat template)."""
+import contextlib
+import io
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ import checkpoint
 import cli
 import answers
 import critic
+import metrics
 import pseudo_outcome
 import rewards
 import train
@@ -124,7 +127,7 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     stopped_at = _metrics(out)[-1]["step"]
     assert 1 <= stopped_at < 4
     state = torch.load(os.path.join(_latest(out), "trainer_state.pt"), weights_only=True)
-    modules = {"clipo": {"clipo"}, "critic": {"critic", "critic_online"}}
+    modules = {"clipo": {"clipo"}, "critic": {"critic"}}
     assert state["step"] == stopped_at and set(state["modules"]) == set().union(*(modules.get(m, set()) for m in mode.split("+")))
     again = _in_process(setup, out, 4, *extra, "--resume", mode=mode)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -132,7 +135,7 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     assert [r["step"] for r in resumed] == [0] * (1 + warmup) + [1, 2, 3, 4]
     if "clipo" in mode:
         assert all("clipo/valid_frac" in r for r in resumed[1:])
-        assert [r.get("clipo_warmup") for r in resumed[:2]] == [None, 1]
+        assert [r.get("warmup_step") for r in resumed[:2]] == [None, 1]
     if mode == "critic":
         assert all("critic/auroc_3" in r for r in resumed[2::2])  # at eval steps
     for row_a, row_b in zip(resumed, reference):
@@ -229,28 +232,90 @@ def test_micro_batches_change_nothing_but_speed(setup):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_a_reward_term_added_through_the_registry_reaches_rewards_and_metrics(setup, monkeypatch):
+def test_a_stateful_reward_term_added_in_one_file_is_checkpointed_and_resumed_exactly(setup, monkeypatch):
+    """A term written here, touching no other file: its flag reaches --help and the run, its bonus
+    the rewards, its metric the docs and the logs, and its state (rollouts seen, which sets the
+    bonus) the checkpoints: a run stopped at step 2 and resumed logs what an unbroken run does
+    (a term whose state were not restored would restart its count and earn less)."""
     monkeypatch.setattr(rewards, "REWARD_TERMS", dict(rewards.REWARD_TERMS))  # the toy term leaves with this test
 
-    @rewards.reward_term("toy", {"bonus_mean": "0.5 for a rollout of even length, averaged"})
-    def toy(run, rollouts, step):
-        bonus = torch.tensor([0.5 * (len(t) % 2 == 0) for t in rollouts.tokens])
-        return bonus, None, {"bonus_mean": bonus.mean().item()}
-    assert train.metric_docs()["toy/bonus_mean"].startswith("0.5 for") and "toy" in train.modes()
-    out = setup / "toy"
-    result = _in_process(setup, out, 2, mode="toy")
-    assert result.returncode == 0, result.stderr[-2000:]
-    for row in _metrics(out)[1:]:
-        assert 0 < row["toy/bonus_mean"] < 0.5
-        # the bonus joined each rollout's reward: reward = outcome + bonus (no format reward by default)
-        assert row["reward_mean"] == pytest.approx(row["success_rate"] + row["toy/bonus_mean"], abs=1e-6)
+    @rewards.reward_term("toy")
+    class Seen(rewards.RewardTerm):
+        title, metrics = "toy", {"seen": "rollouts the term has scored, this run (its state)"}
+        flags = (("--toy-coef", dict(type=float, default=0.01, help="bonus per rollout seen, on even lengths")),)
+
+        def __init__(self, run):
+            self.seen = torch.zeros(())
+
+        def score(self, run, rollouts, step):
+            self.seen += len(rollouts.tokens)
+            even = torch.tensor([len(t) % 2 == 0 for t in rollouts.tokens], dtype=torch.float)
+            return run.args.toy_coef * self.seen.item() * even, None, {"seen": self.seen.item()}
+
+        def state_dict(self):
+            return {"seen": self.seen.clone()}
+
+        def load_state_dict(self, state):
+            self.seen = state["seen"].clone()
+    assert "toy" in train.modes() and metrics.docs()["toy/seen"].startswith("rollouts the term")
+    assert "--toy-coef" in _help()
+    whole = _in_process(setup, setup / "toy-whole", 4, "--toy-coef", "0.02", mode="toy")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = setup / "toy-broken"
+    with monkeypatch.context() as patched:  # a Ctrl-C after step 2, as StopRequest reports one
+        patched.setattr(train, "StopRequest", StopAfterTwoSteps)
+        first = _in_process(setup, out, 4, "--toy-coef", "0.02", mode="toy")
+    assert _metrics(out)[-1]["step"] == 2
+    again = _in_process(setup, out, 4, "--toy-coef", "0.02", "--resume", mode="toy")
+    assert first.returncode == 0 and again.returncode == 0, again.stderr[-2000:]
+    rows = _metrics(setup / "toy-whole")
+    assert [r["toy/seen"] for r in rows[1:]] == [16.0, 32.0, 48.0, 64.0]  # 4 prompts x G = 4 a step
+    assert [_untimed(r) for r in _metrics(out)] == [_untimed(r) for r in rows]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(out).values(), _weights(setup / "toy-whole").values()))
+    state = torch.load(os.path.join(_latest(out), "trainer_state.pt"), weights_only=True)
+    assert state["modules"]["toy"]["seen"].item() == 64.0
+    for row in rows[1:]:  # the bonus joined each rollout's reward before the group normalisation
+        assert row["reward_mean"] > row["success_rate"]
 
 
-def test_every_metric_is_documented():
-    with open(os.path.join(ROOT, "docs", "metrics.md")) as f:
+class StopAfterTwoSteps:
+    """train.StopRequest as a Ctrl-C during step 2 makes it: the loop stops after that step."""
+
+    def __enter__(self):
+        self.steps = 0
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def agreed(self, world):
+        self.steps += 1
+        return self.steps == 2
+
+
+def _help():
+    """train.py --help's text."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    return text.getvalue()
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    ap = train.parser()
+    flags = [a for a in ap._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 50
+    for action in flags:
+        shown = train.HelpFormatter("train.py")._get_help_string(action) if action.help else ""
+        assert "default" in shown, f"{action.option_strings[0]}: its help does not show its default"
+    assert "(default: 4)" in _help()  # --max-sample-rounds, as a user reads it
+
+
+def test_the_metrics_page_is_rendered_from_the_one_source():
+    with open(metrics.PAGE, encoding="utf-8") as f:
         page = f.read()
-    missing = [key for key in train.metric_docs() if f"| `{key}` |" not in page]
-    assert not missing, f"docs/metrics.md's table lacks {missing}"
+    assert "<!-- metrics -->" in page and metrics.render(page) == page, "run: python metrics.py --write"
+    assert all(f"| `{key}` |" in page for key in metrics.docs())
 
 
 def test_gmpo_with_per_token_credit_is_one_clear_error(tmp_path):
@@ -313,7 +378,7 @@ def test_clipo_warms_its_head_up_before_the_policy_s_steps(setup):
     result = _in_process(setup, out, 2, "--clipo-warmup", "2", mode="clipo")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = _metrics(out)
-    assert [(r["step"], r.get("clipo_warmup")) for r in rows] == [(0, None), (0, 1), (0, 2), (1, None), (2, None)]
+    assert [(r["step"], r.get("warmup_step")) for r in rows] == [(0, None), (0, 1), (0, 2), (1, None), (2, None)]
     assert all(r["loss"] == 0 and r["kl"] == 0 and "clipo/head_loss" in r for r in rows[1:3])
     assert all(r["kl"] != 0 for r in rows[3:])  # policy updates: two, as --steps says
     assert train.parse_args(["--mode", "clipo"]).clipo_warmup == 25

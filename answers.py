@@ -125,15 +125,16 @@ class OpenStates:
 
 def _legal(parent, move, child, restated, target):
     """A legal move of `parent` written right: its arithmetic as written is exact, and `child` is
-    what a legal move (countdown.legal_moves) of the same two numbers leads to; a leaf restates
-    the true target."""
+    what a legal move (countdown.legal_moves) of the same two numbers to the same value leads to
+    (any operand order: `3+5` is the move 5+3); a leaf restates the true target."""
     if parent is None:
         return False
     a, op, b, value = move
     if countdown.whole_result(a, b, op) != value or (len(child) == 1 and restated != target):
         return False
     pair, after = (min(a, b), max(a, b)), sorted(child)
-    return any((small, big) == pair and sorted(c) == after for big, _, small, c in countdown.legal_moves(parent))
+    return any((small, big) == pair and c[0] == value and sorted(c) == after
+               for big, _, small, c in countdown.legal_moves(parent))
 
 
 def read_search(nums, target, completion):

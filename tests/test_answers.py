@@ -198,3 +198,38 @@ def test_wrong_restated_targets_missing_parents_and_broken_sets_are_errors():
     # holds no 9; [9,7,5] continues the problem's numbers (6+3 is legal and its child is right)
     assert [line.legal for line in lines] == [True, True, False, False, True]
     assert answers.read_search((1, 2), 3, "5+1=6 [6,2]\n")[0].parent is None  # no 3-number state was written
+
+
+def test_legality_through_the_one_enumeration_equals_the_rules_written_out():
+    """answers._legal reads countdown.legal_moves; here the rules are written out by hand (both
+    numbers taken from the parent, the written arithmetic exact and below MAX_VALUE, the child the
+    rest and the value, a leaf restating the target), on random moves, right and wrong."""
+    import random
+
+    def by_hand(parent, move, child, restated, target):
+        a, op, b, value = move
+        rest = list(parent)
+        for x in (a, b):
+            if x not in rest:
+                return False
+            rest.remove(x)
+        if countdown.whole_result(a, b, op) != value or not 0 <= value < countdown.MAX_VALUE:
+            return False
+        return (len(child) > 1 or restated == target) and sorted(child) == sorted(rest + [value])
+    rng, legal = random.Random(0), 0
+    for _ in range(20_000):
+        parent = tuple(rng.choice([0, 1, 2, 3, 5, 6, 7, 12, 25, 50, 100]) for _ in range(rng.randint(2, 4)))
+        a, b, op = rng.choice(parent + (4, 9)), rng.choice(parent + (4, 9)), rng.choice("+-*/")
+        right = countdown.whole_result(a, b, op)
+        value = right if right is not None and right >= 0 and rng.random() < 0.8 else rng.randint(0, 30)
+        rest = list(parent)
+        for x in (a, b):
+            if x in rest:
+                rest.remove(x)
+        child = tuple(rest + [value if rng.random() < 0.8 else rng.randint(0, 30)])
+        child = child[:-1] if rng.random() < 0.1 and len(child) > 1 else child
+        restated = 24 if rng.random() < 0.8 else 7
+        expected = by_hand(parent, (a, op, b, value), child, restated, 24)
+        assert answers._legal(parent, (a, op, b, value), child, restated, 24) == expected, (parent, a, op, b, child)
+        legal += expected
+    assert 1_000 < legal < 19_000  # both kinds are drawn

@@ -85,6 +85,12 @@ def micro_batches(rows, lengths, start, size, group=None):
             for k in range(0, len(order), size)]
 
 
+def prompt_ids(run, idx):
+    """Each row's prompt for the prompt-shared forward (rows of a group share one), computed on
+    the host from the rows' indices (no device sync); None when each row runs its own."""
+    return None if run.shared_prompt_rows is None else idx // run.shared_prompt_rows
+
+
 def choose_groups(flat, keep):
     """The `keep` groups to train on, in the order drawn: groups with signal (flat[g] False) first."""
     return sorted(sorted(range(len(flat)), key=lambda g: flat[g])[:keep])
@@ -159,8 +165,9 @@ def old_pass(run, r, pooled):
     r.old_logp, r.entropy = torch.zeros_like(r.response), torch.zeros_like(r.response)
     r.ref_logp = torch.zeros_like(r.response) if run.ref_model else None
     with torch.no_grad(), run.autocast():
-        for idx, width in micro_batches(range(len(r.tokens)), r.lengths, r.start, run.args.micro_batch, run.groups):
-            groups = None if run.groups is None else idx // run.groups  # on the host: no device sync
+        chunks = micro_batches(range(len(r.tokens)), r.lengths, r.start, run.args.micro_batch, run.shared_prompt_rows)
+        for idx, width in chunks:
+            groups = prompt_ids(run, idx)
             idx = idx.to(r.ids.device)
             rows = (r.ids[idx, :width], r.attention[idx, :width], r.response[idx, :width])
             out = forward.sequence_logprobs(run.train_model, *rows, start=r.start, entropy=True, hidden=pooled,
@@ -212,7 +219,8 @@ def update(run, r):
     args, world, variant = run.args, run.world, loss_variant(run)
     # minibatch k: the groups g with g % M == k, so M minibatches are the same on 1 or N processes
     minibatches = [micro_batches([i for i in range(len(r.tokens)) if (i // args.group_size) % args.minibatches == k],
-                                 r.lengths, r.start, args.micro_batch, run.groups) for k in range(args.minibatches)]
+                                 r.lengths, r.start, args.micro_batch, run.shared_prompt_rows)
+                   for k in range(args.minibatches)]
     counts = {}  # each minibatch's tokens and rows the loss reads, over all processes
     for k, chunks in enumerate(minibatches):
         rows = [r.loss_mask[idx.to(r.ids.device)] for idx, _ in chunks]
@@ -235,7 +243,7 @@ def update_minibatch(run, r, chunks, variant, num_tokens, num_sequences, sums):
     args = run.args
     run.optimizer.zero_grad(set_to_none=True)
     for j, (idx, width) in enumerate(chunks):
-        groups = None if run.groups is None else idx // run.groups
+        groups = prompt_ids(run, idx)
         idx = idx.to(r.ids.device)
         last = j == len(chunks) - 1  # only the last micro-batch's backward reduces gradients
         with gradient_sync(run.train_model, last), run.autocast():

@@ -67,7 +67,7 @@ class Run:
     """problem keys training never draws (held-out stream, LongProc's test split)"""
     bf16: bool
     """--bf16: bf16 autocast in training forwards (CPU and CUDA), bf16 rollouts"""
-    groups: int = None
+    shared_prompt_rows: int = None
     """G when training forwards run each group's prompt once (forward.can_share_prompts), else None"""
     ref_model: torch.nn.Module = None
     """frozen reference for the KL term (only with --kl-coef > 0)"""
@@ -137,7 +137,8 @@ def build_run(args, rank, world, device):
               train_model=train_model, rollout_model=rollout_model, optimizer=optimizer, terms={},
               style=args.prompt, max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.prompt),
               eos=eos_token_ids(model, tokenizer), exclude=countdown.never_train_on(args.preset), bf16=args.bf16,
-              groups=None if args.no_shared_prompt or not forward.can_share_prompts(model) else args.group_size)
+              shared_prompt_rows=None if args.no_shared_prompt or not forward.can_share_prompts(model)
+              else args.group_size)
     if args.kl_coef > 0 and args.mode != "sft":  # the frozen reference exists only when it is used
         run.ref_model = load_model(check_model_dir(args.model or DEFAULT_MODEL), device=device,
                                    dtype=torch.bfloat16 if args.bf16 else torch.float32).eval().requires_grad_(False)

@@ -292,3 +292,30 @@ def test_decode_steps_read_grouped_key_value_heads_without_copies(monkeypatch):
     sample.generate(lm, PROMPTS, 6, temperature=0)
     width = max(map(len, PROMPTS))
     assert copied == [width] * 4  # keys and values of the prefill's 2 layers
+
+
+def test_every_forward_names_the_cache_as_the_installed_transformers_does(monkeypatch):
+    """transformers 5.25 renamed the forwards' `past_key_values` to `cache` (the old name logs a
+    deprecation on every call): the sampler's prefill and decode steps (through the model's own
+    forward too) and the shared-prompt training forward pass the cache only under a name the
+    called forward's signature has (`past_key_values` before 5.25)."""
+    import inspect
+
+    import forward
+    lm = new_tiny_model(seed=0).eval()
+    seen, wrong = [], []
+
+    def check(module, args, kwargs):
+        for name in {"past_key_values", "cache"} & kwargs.keys():
+            seen.append(name)
+            if name not in inspect.signature(module.forward).parameters:
+                wrong.append(f"{type(module).__name__}({name}=...)")
+    for module in (lm, lm.model):
+        module.register_forward_pre_hook(check, with_kwargs=True)
+    monkeypatch.setattr(sample, "OWN_STEP", False)  # decode through the model's forward, with our cache
+    sample.sample(lm, [[5, 6, 7], [8, 9]], 4, num_samples=2, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[5, 6, 7, 10, 11], [5, 6, 7, 12, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    response = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]], dtype=torch.float)
+    forward.sequence_logprobs(lm, ids, attention, response, start=3, groups=[0, 0])  # the prompt runs once
+    assert len(seen) >= 3 and not wrong, wrong

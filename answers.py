@@ -102,8 +102,9 @@ class OpenStates:
     """Which state a written line continues. Neither style writes it: a depth-first search makes
     it the newest state still open with one number more (the problem's numbers for a first
     move), and a line leading to k numbers leaves the subtrees of every open state of k numbers
-    or fewer. The one reader of that order: read_search, passed_over and critic.written_rows keep
-    what they need of each state (the state, its index, its reached values) as its `item`."""
+    or fewer. The one reader of that order: read_search, passed_over and
+    critic_data.written_rows keep what they need of each state (the state, its index, its
+    reached values) as its `item`."""
 
     def __init__(self, size, item):
         self.items = {size: item}  # state size -> the item of the newest open state of that size
@@ -164,7 +165,8 @@ def read_search(nums, target, completion):
 def _moves(state, ops):
     """The legal moves of `state` in the reference search's order: [(key, child)], key =
     (big, op, small, sorted child) (how a written line is matched to a move)."""
-    return [((big, op, small, tuple(sorted(child))), child) for big, op, small, child in countdown.legal_moves(state, ops)]
+    return [((big, op, small, tuple(sorted(child))), child)
+            for big, op, small, child in countdown.legal_moves(state, ops)]
 
 
 def passed_over(nums, target, lines, gave_up=False, ops=countdown.OPS):

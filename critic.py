@@ -30,8 +30,8 @@ The oracle (countdown.solvable) never labels training rows: it only evaluates. E
 against the oracle per state size on held-out problems: every state one, two and three moves
 from a problem's numbers (all legal moves, not only the ones the search takes) with its target,
 balanced reachable / unreachable per size. The headline is the 3-number AUROC (the first move).
-Imports: answers (how a written search is read), countdown, distributed (CPU threads), torch (matplotlib
-optionally, for --plot).
+Imports: countdown, critic_data (its rows), distributed (CPU threads), torch (matplotlib optionally, for
+--plot).
 """
 import argparse
 import json
@@ -47,16 +47,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import answers
 import countdown
+from critic_data import (POOL_ROWS, RowPool, SearchPool, calibration_rows, hindsight_labels, make_batch, rows_batch,
+                         size_counts)
 from distributed import cpu_threads
 
 PLACES = 4              # digits per number; larger numbers are read as 9999 (never reachable anyway)
 EMPTY = 10              # the "no digit" symbol of a place beyond a number's length
 EVAL_PROBLEMS = 300     # held-out problems whose successor states make the evaluation pairs
 MAX_STATE = 8           # the largest state size a critic is calibrated for
-POOL_ROWS = 20_000      # rows kept per state size; each step adds FRESH_SEARCHES new searches
-FRESH_SEARCHES = 8
 
 
 def digits(values):
@@ -166,105 +165,6 @@ def load(path, preset="tiny"):
     elif missing:
         critic.load_state_dict(load_file(path))  # the one-line error of a wrong file
     return critic.eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-def random_instance(rng, preset, exclude):
-    """Numbers and a target from the preset's ranges, solvable or not, never a key in `exclude`."""
-    p = countdown.PRESETS[preset]
-    while True:
-        nums = tuple(rng.randint(*p["num_range"]) for _ in range(p["n"]))
-        target = rng.randint(*p["target_range"])
-        if countdown.problem_key(nums, target) not in exclude:
-            return nums, target
-
-
-class RowPool:
-    """Rows (state, reached, target) kept per state size, at most `capacity` each: once a size is
-    full, a new row replaces a random one. reached: values reached below the state."""
-
-    def __init__(self, capacity=POOL_ROWS):
-        self.capacity, self.rows = capacity, {}
-
-    def add(self, rng, rows):
-        for row in rows:
-            kept = self.rows.setdefault(len(row[0]), [])
-            if len(kept) < self.capacity:
-                kept.append(row)
-            else:
-                kept[rng.randrange(self.capacity)] = row
-
-    def sample(self, rng, counts):
-        """{size: n} -> n rows of each state size, drawn without replacement."""
-        return [row for k, n in counts.items() for row in rng.sample(self.rows[k], n)]
-
-
-class SearchPool(RowPool):
-    """A RowPool fed by reference searches (countdown.search_states).
-
-    reached: the values the search reached below the state. The search stops only on the target,
-    so where the target is not in `reached` it explored the state's whole subtree and `reached`
-    is everything the state can reach. hindsight searches fresh random instances: an unsolvable
-    one is searched to the end, which is where 3-number subtrees get finished (the preset's short
-    searches never leave their first 3-number state, which is on the way to the target). trace
-    searches the preset's solvable problems. Each `draw` first adds `fresh` searches: a search
-    costs more than a step's use of its rows.
-    """
-
-    def __init__(self, rng, sampler, preset, exclude, capacity=POOL_ROWS, fresh=FRESH_SEARCHES):
-        super().__init__(capacity)
-        self.rng, self.sampler, self.preset, self.exclude, self.fresh = rng, sampler, preset, exclude, fresh
-
-    def add_search(self):
-        if self.sampler == "trace":
-            nums, target = countdown.random_problem(self.rng, exclude=self.exclude, **countdown.PRESETS[self.preset])
-        else:
-            nums, target = random_instance(self.rng, self.preset, self.exclude)
-        self.add(self.rng, [(state, reached, target) for state, reached in countdown.search_states(nums, target)])
-
-    def draw(self, counts):
-        """Add fresh searches (more while a size holds too few rows), then sample(counts)."""
-        added = 0
-        while added < self.fresh or any(len(self.rows.get(k, ())) < n for k, n in counts.items()):
-            self.add_search()
-            added += 1
-        return self.sample(self.rng, counts)
-
-
-def size_counts(batch_size, preset):
-    """Rows per state size: weight 2 for states of 2+ numbers, 1 for one-number leaves."""
-    sizes = range(countdown.PRESETS[preset]["n"] - 1, 0, -1)
-    weights = [2 if k > 1 else 1 for k in sizes]
-    counts = [batch_size * w // sum(weights) for w in weights]
-    counts[0] += batch_size - sum(counts)
-    return dict(zip(sizes, counts))
-
-
-def make_batch(rng, pool, batch_size):
-    """A batch of the pool's rows, drawn per state size (size_counts): see rows_batch."""
-    return rows_batch(rng, pool.draw(size_counts(batch_size, pool.preset)), pool.sampler, pool.preset)
-
-
-def rows_batch(rng, rows, sampler, preset):
-    """states, goals [B], known [B, B] (goal j was reached below state i: no negative for it)."""
-    lo, hi = countdown.PRESETS[preset]["target_range"]
-    states, goals, known_sets = [], [], []
-    for state, reached, target in rows:
-        if sampler == "trace":
-            goal, known = target, {target}
-        else:
-            in_range = [v for v in sorted(reached) if lo <= v <= hi]
-            goal, known = rng.choice(in_range or sorted(reached)), reached
-        states.append(state)
-        goals.append(goal)
-        known_sets.append(known)
-    column = {g: c for c, g in enumerate(sorted(set(goals)))}  # known[i, j] = goal j in known_sets[i]
-    hits = [(i, column[v]) for i, k in enumerate(known_sets) for v in k if v in column]
-    bits = torch.zeros((len(rows), len(column)), dtype=torch.bool)
-    bits[tuple(torch.tensor(hits).T)] = True
-    return states, torch.tensor(goals), bits[:, [column[g] for g in goals]]
 
 
 def fit_batch(model, optimizer, states, goals, known):
@@ -384,32 +284,7 @@ def train(minutes=10.0, steps=None, sampler="hindsight", preset="tiny", batch_si
 
 
 # ---------------------------------------------------------------------------------------------
-# Online: hindsight rows from the policy's own searches (train.py --critic-online)
-
-ONLINE_LR = 1e-3        # AdamW during RL: half the offline peak, constant (the pool drifts with the policy)
-ONLINE_MIN_ROWS = 64    # no update before the pool holds a batch worth learning from
-
-
-# ---------------------------------------------------------------------------------------------
 # From scores to "can the target still be reached?"
-
-def hindsight_labels(rows, preset):
-    """(states, targets, labels) from rows (state, reached, target), no oracle: a row whose own
-    target is not in `reached` had its whole subtree searched (the reference search stops only on
-    its target), so `reached` is everything the state can reach; each such state is paired with
-    every target of the preset's range, reachable iff reached below it. Rows whose search stopped
-    on the target say nothing of the other targets and are left out."""
-    lo, hi = countdown.PRESETS[preset]["target_range"]
-    states, targets, labels = [], [], []
-    for state, reached, target in rows:
-        if target in reached:
-            continue
-        for t in range(lo, hi + 1):
-            states.append(tuple(state))
-            targets.append(t)
-            labels.append(float(t in reached))
-    return states, targets, labels
-
 
 @torch.no_grad()
 def calibrate(model, rows, preset, steps=300):
@@ -441,47 +316,18 @@ def calibrate(model, rows, preset, steps=300):
     return fits
 
 
-def calibration_rows(preset, searches=200, per_size=400, seed=0):
-    """Rows of `searches` reference searches of fresh random instances (the hindsight sampler's
-    data, never a held-out problem), at most `per_size` per state size, for `calibrate`."""
-    pool = SearchPool(random.Random(seed), "hindsight", preset, countdown.never_train_on(preset),
-                      capacity=per_size, fresh=0)
-    for _ in range(searches):
-        pool.add_search()
-    return [row for rows in pool.rows.values() for row in rows]
+# ---------------------------------------------------------------------------------------------
+# Online: hindsight rows from the policy's own searches (train.py --critic-online;
+# the rows: critic_data.written_rows)
 
-
-def written_rows(nums, target, states):
-    """Hindsight rows (state, reached, target) of one search a policy wrote, no oracle involved.
-
-    states: the number sets it writes, in order (answers.extract_states). A state's parent is
-    the latest open state with one more number (the problem's numbers above the first move); a
-    written state closes every open state of its size or smaller (the search came back up). A
-    state that is not one legal move from its parent (a slip in the arithmetic or the
-    bookkeeping) is dropped, and so is everything written below it. reached: the one-number
-    results written below the state (itself, for a leaf); a state with none makes no row."""
-    open_states = answers.OpenStates(len(nums), (tuple(sorted(nums)), None))  # items: (state, reached; None: the root)
-    rows = []
-    for written in states:
-        state = tuple(sorted(written))
-        parent, _ = open_states.write(len(state))
-        if parent is None or state not in countdown.next_states(parent[0]):
-            continue
-        reached = set()
-        if len(state) == 1:
-            for _, above in open_states.open_items():
-                if above is not None:
-                    above.add(state[0])
-            reached.add(state[0])
-        open_states.enter(len(state), (state, reached))
-        rows.append((state, reached))
-    return [(state, tuple(sorted(reached)), target) for state, reached in rows if reached]
+ONLINE_LR = 1e-3        # AdamW during RL: half the offline peak, constant (the pool drifts with the policy)
+ONLINE_MIN_ROWS = 64    # no update before the pool holds a batch worth learning from
 
 
 class OnlineTrainer:
-    """Trains `model` (a Critic) during RL on written_rows of the policy's rollouts, kept per state
-    size in a RowPool; `state_dict` (optimizer and pool) goes into the run's checkpoints, the
-    critic's weights with the run's other modules."""
+    """Trains `model` (a Critic) during RL on critic_data.written_rows of the policy's rollouts,
+    kept per state size in a RowPool; `state_dict` (optimizer and pool) goes into the run's
+    checkpoints, the critic's weights with the run's other modules."""
 
     def __init__(self, model, preset, batch_size=256, capacity=POOL_ROWS):
         self.model, self.preset, self.batch_size = model, preset, batch_size

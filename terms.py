@@ -18,6 +18,7 @@ import torch
 import answers
 import clipo
 import critic
+import critic_data
 from distributed import all_gather_lists, seed_for
 from rewards import CREDITS, STATE_METRICS, RewardTerm, initial_values, reward_term, state_credit, state_values
 
@@ -63,7 +64,7 @@ SCRATCH = "scratch"  # --critic scratch: an untrained critic (with --critic-onli
 @reward_term("critic")
 class CriticCredit(StateCredit):
     """The contrastive critic's values of the states a rollout writes; with --critic-online the
-    critic then trains on them (critic.written_rows: hindsight from the rollouts themselves)."""
+    critic then trains on them (critic_data.written_rows: hindsight from the rollouts themselves)."""
     title = "critic"
     metrics = CRITIC_METRICS
     flags = (("--critic", dict(default=DEFAULT_CRITIC, help="critic weights (trained first when absent); "
@@ -101,7 +102,7 @@ class CriticCredit(StateCredit):
         """One critic update on every process's rows: the same rows and seed everywhere, so the
         replicas stay equal with no gradient collective (the critic lives on the host)."""
         rows = [row for p, text in zip(rollouts.problems, rollouts.texts)
-                for row in critic.written_rows(p.nums, p.target, [s for _, s in answers.extract_states(text)])]
+                for row in critic_data.written_rows(p.nums, p.target, [s for _, s in answers.extract_states(text)])]
         rows = all_gather_lists(rows, run.world)
         loss = self.trainer.step(random.Random(seed_for(run.args.seed, "critic-online", step)), rows)
         metrics = {"online_rows": float(len(rows))}  # the same on every rank, as the loss and AUROCs

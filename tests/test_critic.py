@@ -11,6 +11,7 @@ import torch
 import answers
 import countdown
 import critic
+import critic_data
 
 
 def brute_moves(numbers):
@@ -104,21 +105,21 @@ def test_sampler_searches_only_training_problems(monkeypatch):
     monkeypatch.setattr(countdown, "search_states", lambda nums, target: searched.append((nums, target)) or real(nums, target))
     exclude = countdown.never_train_on("tiny")
     for sampler in ("hindsight", "trace"):
-        pool = critic.SearchPool(random.Random(3), sampler, "tiny", exclude, capacity=500)
-        critic.make_batch(random.Random(4), pool, 64)
+        pool = critic_data.SearchPool(random.Random(3), sampler, "tiny", exclude, capacity=500)
+        critic_data.make_batch(random.Random(4), pool, 64)
     assert len(searched) > 16
     assert not {countdown.problem_key(n, t) for n, t in searched} & exclude
     # the exclusion holds even where random instances collide with the held-out stream often
     small = {countdown.problem_key(n, t) for n in itertools.product(range(1, 4), repeat=4) for t in range(10, 40)}
     rng = random.Random(0)
-    assert not any(countdown.problem_key(*critic.random_instance(rng, "tiny", small)) in small
+    assert not any(countdown.problem_key(*critic_data.random_instance(rng, "tiny", small)) in small
                    for _ in range(50))
 
 
 def test_hindsight_rows_are_true_by_brute_force():
     rng = random.Random(5)
-    pool = critic.SearchPool(rng, "hindsight", "tiny", countdown.never_train_on("tiny"), capacity=2000)
-    states, goals, known = critic.make_batch(rng, pool, 200)
+    pool = critic_data.SearchPool(rng, "hindsight", "tiny", countdown.never_train_on("tiny"), capacity=2000)
+    states, goals, known = critic_data.make_batch(rng, pool, 200)
     sizes = [len(s) for s in states]
     assert sizes.count(3) == sizes.count(2) == 2 * sizes.count(1) == 80  # 2:2:1 per state size
     n_known = 0
@@ -153,20 +154,20 @@ def test_written_rows_of_reference_traces_are_the_searches_own_rows():
     checked = 0
     while checked < 40:  # the preset's problems and solvable random instances (longer searches)
         nums, target = (countdown.random_problem(rng, **countdown.PRESETS["tiny"]) if checked % 2
-                        else critic.random_instance(rng, "tiny", frozenset()))
+                        else critic_data.random_instance(rng, "tiny", frozenset()))
         if not countdown.solvable(nums, target):
             continue
         checked += 1
         expected = [(tuple(sorted(s)), tuple(sorted(r)), target) for s, r in countdown.search_states(nums, target) if r]
         for style in ("longproc", "compact"):
-            assert critic.written_rows(nums, target, _written(nums, target, style)) == expected
+            assert critic_data.written_rows(nums, target, _written(nums, target, style)) == expected
 
 
 def test_written_rows_drop_a_slip_and_everything_below_it():
     rng = random.Random(12)
     checked = 0
     while checked < 30:
-        nums, target = critic.random_instance(rng, "tiny", frozenset())
+        nums, target = critic_data.random_instance(rng, "tiny", frozenset())
         states = _written(nums, target, "compact")
         inner = [i for i, s in enumerate(states) if len(s) > 1]
         if not inner:
@@ -179,9 +180,9 @@ def test_written_rows_drop_a_slip_and_everything_below_it():
         below = i + 1
         while below < len(states) and len(states[below]) < len(states[i]):
             below += 1
-        kept = critic.written_rows(nums, target, states[:i] + states[below:])
+        kept = critic_data.written_rows(nums, target, states[:i] + states[below:])
         # rows above the slip lose what was reached below it; every other row is unchanged
-        rows = critic.written_rows(nums, target, slipped)
+        rows = critic_data.written_rows(nums, target, slipped)
         assert [r[0] for r in rows] == [r[0] for r in kept]
         for state, reached, _ in rows:
             assert set(reached) <= brute_reachable(state)  # true by brute force
@@ -193,8 +194,8 @@ def test_online_trainer_learns_and_resumes_exactly(tmp_path):
     rng = random.Random(13)
     rows = []
     for _ in range(300):
-        nums, target = critic.random_instance(rng, "tiny", countdown.never_train_on("tiny"))
-        rows += critic.written_rows(nums, target, _written(nums, target, "compact"))
+        nums, target = critic_data.random_instance(rng, "tiny", countdown.never_train_on("tiny"))
+        rows += critic_data.written_rows(nums, target, _written(nums, target, "compact"))
 
     def trainer_at(steps, state=None):
         torch.manual_seed(0)

@@ -6,6 +6,7 @@ import torch
 import answers
 import countdown
 import critic
+import critic_data
 import forward
 import rewards
 import terms
@@ -101,7 +102,7 @@ class _IdealCritic(critic.Critic):
 
 def ideal_critic():
     model = _IdealCritic()
-    critic.calibrate(model, critic.calibration_rows("tiny", searches=40), "tiny")
+    critic.calibrate(model, critic_data.calibration_rows("tiny", searches=40), "tiny")
     return model
 
 
@@ -121,13 +122,13 @@ def test_the_calibration_is_a_logistic_fit_of_hindsight_labels():
     """On a critic whose score is the label plus noise, the fit recovers the labels' log-odds:
     a score of 0 (half way) reads ~0.5, and the fit per size is monotone increasing."""
     model = _IdealCritic()
-    fits = critic.calibrate(model, critic.calibration_rows("tiny", searches=40), "tiny")
+    fits = critic.calibrate(model, critic_data.calibration_rows("tiny", searches=40), "tiny")
     assert set(fits) == {1, 2, 3} and all(a > 0 for a, _ in fits.values())
     for a, b in fits.values():
         assert abs(b / a) < 0.5  # the boundary between -5 and +5 sits near 0
-    labels = critic.hindsight_labels([((3, 4), (7, 12, 1, -1, 0), 50)], "tiny")
+    labels = critic_data.hindsight_labels([((3, 4), (7, 12, 1, -1, 0), 50)], "tiny")
     assert labels[2] == [1.0 if t in (7, 12) else 0.0 for t in range(10, 51)]
-    assert critic.hindsight_labels([((3, 4), (7, 12), 12)], "tiny") == ([], [], [])  # stopped on its target
+    assert critic_data.hindsight_labels([((3, 4), (7, 12), 12)], "tiny") == ([], [], [])  # stopped on its target
 
 
 # --- credits that do not charge for exploring (hand-built traces, exact per-token values) ------

@@ -18,6 +18,7 @@ import torch
 import answers
 import cli
 import critic
+import critic_data
 import metrics
 import pseudo_outcome
 import rewards
@@ -39,7 +40,7 @@ def setup(tmp_path_factory):
     save_model(new_tiny_model(seed=0), TinyTokenizer(), str(root / "model"))
     torch.manual_seed(0)
     untrained = critic.Critic()
-    critic.calibrate(untrained, critic.calibration_rows("tiny", searches=20), "tiny")  # values that vary
+    critic.calibrate(untrained, critic_data.calibration_rows("tiny", searches=20), "tiny")  # values that vary
     critic.save(untrained, str(root / "critic.safetensors"))
     return root
 

@@ -137,8 +137,10 @@ CHANGES = [("failed_guess", "guesses (share of answers)"), ("failed_out_of_token
 
 
 def changed(found):
-    """What RL changed in the default cell's greedy held-out answers, per seed: warm start -> end."""
-    rl = found.get(DEFAULT_CELL, {})
+    """What RL changed in the greedy held-out answers, per seed: warm start -> end, of the default
+    cell (or the first candidate present)."""
+    present = [c for c in CANDIDATES if c in found]
+    rl = found[DEFAULT_CELL if DEFAULT_CELL in found else present[0]] if present else {}
     seeds = sorted(rl)
     lines = ["| held-out answers | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for key, meaning in CHANGES:
@@ -147,7 +149,36 @@ def changed(found):
     return "\n".join(lines)
 
 
-TABLES = {"robust": robust, "testbed": testbed, "changed": changed}
+CREDITS = ["oracle-prune-rounds4", "clipo-rounds4"]  # dense credit (the oracle's prune credit), CLIPO: RL defaults
+
+
+def credits(found):
+    """Dense credit and CLIPO beside the default GRPO cell, from the same warm starts: held-out
+    success at the end per seed, the mean, the paired difference to the default's end [t over
+    seeds] [problems pooled], greedy guesses at the end, the OOD gain over the warm start."""
+    base = found.get(DEFAULT_CELL, {})
+    seeds = sorted(base)
+    lines = ["| cell | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean [t] | vs {DEFAULT_CELL} [t] [problems] "
+             "| guesses | OOD gain [t] [problems] |", "|---|" + "---|" * (len(seeds) + 4)]
+    for cell in [DEFAULT_CELL, *CREDITS]:
+        row = {s: r for s, r in found.get(cell, {}).items() if s in base}
+        if not row:
+            continue
+        mine = sorted(row)
+        per = [pct(rate(row[s]["solved_end"])) if s in row else "—" for s in seeds]
+        mean = seed_interval([rate(row[s]["solved_end"]) for s in mine])
+        versus = "—" if cell == DEFAULT_CELL else over_seeds(
+            {s: (bits(base[s]["solved_end"]), bits(row[s]["solved_end"])) for s in mine})
+        guesses = sum(row[s]["heldout_end"]["failed_guess"] for s in mine) / len(mine)
+        warm = found.get(row[mine[0]].get("warm_cell") or "warm", {})
+        ood = over_seeds({s: (bits(warm[s]["ood"]["solved"]), bits(row[s]["ood"]["solved"]))
+                          for s in mine}) if all(s in warm for s in mine) else "—"
+        lines.append(f"| {cell} | {' | '.join(per)} | {pct(mean[0])}{interval(mean[1], mean[2], False)} | {versus} | "
+                     f"{pct(guesses)}% | {ood} |")
+    return "\n".join(lines)
+
+
+TABLES = {"robust": robust, "testbed": testbed, "changed": changed, "credits": credits}
 
 
 def render(name):

@@ -65,6 +65,22 @@ def test_testbed_table_against_a_hand_computation(fake_results):
     assert every[4].startswith("-50.0 [")  # (25 - 75 and 50 - 100) / 2
 
 
+def test_credits_table_against_a_hand_computation(tmp_path, monkeypatch):
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    records = [record("warm", 0, "0000", "1000", ood="0000"), record("warm", 1, "0000", "1000", ood="1000"),
+               record("grpo-rounds4", 0, "1000", "1100", ood="1000"), record("grpo-rounds4", 1, "1000", "1110"),
+               record("clipo-rounds4", 0, "1000", "1111", ood="1100", failed_guess=0.5)]
+    for r in records:
+        (folder / f"{r['cell']}-s{r['seed']}.json").write_text(json.dumps(r))
+    monkeypatch.setattr(results, "RESULTS", str(tmp_path))
+    grpo, clipo = (line.split(" | ") for line in results.render("credits-lab").splitlines()[2:4])
+    assert grpo[1:3] == ["50.0", "75.0"] and grpo[3].startswith("62.5 [") and grpo[4] == "—"
+    assert clipo[1:3] == ["100.0", "—"] and clipo[3] == "100.0"  # one seed: no t interval
+    assert clipo[4].startswith("+50.0 [")  # 1100 -> 1111, paired over the 4 problems
+    assert clipo[5] == "50.0%" and clipo[6].startswith("+50.0")  # OOD: 0000 -> 1100
+
+
 def test_a_page_that_differs_from_its_render_is_found(fake_results, tmp_path, monkeypatch):
     page = tmp_path / "page.md"
     page.write_text("x\n<!-- table testbed-lab -->\n| stale |\n<!-- /table -->\n")

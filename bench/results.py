@@ -158,8 +158,8 @@ def credits(found):
     seeds] [problems pooled], greedy guesses at the end, the OOD gain over the warm start."""
     base = found.get(DEFAULT_CELL, {})
     seeds = sorted(base)
-    lines = ["| cell | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean [t] | vs {DEFAULT_CELL} [t] [problems] "
-             "| guesses | OOD gain [t] [problems] |", "|---|" + "---|" * (len(seeds) + 4)]
+    lines = ["| cell | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean [t] (its seeds) | vs {DEFAULT_CELL} [t] "
+             "[problems] (paired) | guesses (its seeds) | OOD gain [t] [problems] |", "|---|" + "---|" * (len(seeds) + 4)]
     for cell in [DEFAULT_CELL, *CREDITS]:
         row = {s: r for s, r in found.get(cell, {}).items() if s in base}
         if not row:

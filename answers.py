@@ -35,6 +35,14 @@ def wrote_found_leaf(completion, target):
     return any(int(m[1] or m[2]) == target for m in _FOUND_LEAF.finditer(head))
 
 
+def blind_answer(completion, lines):
+    """Whether the completion writes a <Solution> block although its search (`lines`:
+    read_search of it) never reached the target by a legal move: a guess, verified or not, or a
+    block after a fabricated hit. The reward terms give such an answer's states no credit."""
+    return "<Solution>" in completion and not any(
+        line.legal and len(line.child) == 1 and line.reaches for line in lines)
+
+
 def failure(nums, target, completion, finished):
     """What became of an answer, one of FAILURES: solved; out of tokens (the budget ended it);
     no block (it stopped without a parsable <Solution>, e.g. after countdown.NO_SOLUTION); guess
@@ -81,10 +89,12 @@ def extract_states(completion):
 # The written search, move by move
 
 _N = "([0-9]{1,6})"
+# a set is read with the same pattern as extract_states reads it: a line whose set one of them
+# could not read (a 7-digit number) and the other could would shift every later state's legality
 _MOVE = re.compile(
-    rf"^{_N}([-+*/]){_N}={_N}(?: \[([0-9,]*)\]|\|{_N})$"                           # compact
+    rf"^{_N}([-+*/]){_N}={_N}(?: {_NUMBER_LIST}|\|{_N})$"                          # compact
     rf"|Try {_N} ([-+*/]) {_N} = {_N}\. (?:Add [0-9]{{1,6}} to the number set\. "  # LongProc
-    rf"Current number set: \[([0-9, ]*)\]|Evaluate [0-9]{{1,6}} [!=]= {_N}, )", re.ASCII | re.MULTILINE)
+    rf"Current number set: {_NUMBER_LIST}|Evaluate [0-9]{{1,6}} [!=]= {_N}, )", re.ASCII | re.MULTILINE)
 
 
 class Line(NamedTuple):
@@ -147,10 +157,7 @@ def read_search(nums, target, completion):
         g = m.groups()[:6] if m[1] is not None else m.groups()[6:]
         a, op, b, value = int(g[0]), g[1], int(g[2]), int(g[3])
         if g[4] is not None:
-            try:
-                child, restated = tuple(int(x) for x in g[4].split(",")), None
-            except ValueError:  # an empty or broken list: not a move
-                continue
+            child, restated = tuple(int(x) for x in g[4].split(",")), None
         else:
             child, restated = (value,), int(g[5])
         parent, _ = open_states.write(len(child))

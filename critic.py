@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import countdown
-from critic_data import (POOL_ROWS, RowPool, SearchPool, calibration_rows, hindsight_labels, make_batch, rows_batch,
+from critic_data import (POOL_ROWS, RowPool, SearchPool, calibration_rows, make_batch, own_target_labels, rows_batch,
                          size_counts)
 from distributed import cpu_threads
 
@@ -288,32 +288,59 @@ def train(minutes=10.0, steps=None, sampler="hindsight", preset="tiny", batch_si
 
 @torch.no_grad()
 def calibrate(model, rows, preset, steps=300):
-    """Fit, per state size, p(reachable) = sigmoid(a * score + b) on hindsight_labels(rows) (a
+    """Fit, per state size, p(reachable) = sigmoid(a * score + b) on own_target_labels(rows) (a
     logistic regression, full-batch Newton steps) and keep it on the model (`reachability`).
     Why: InfoNCE scores rank goals for a state, they are no probability; the credits read values
-    as "can the target still be reached", as the oracle's 0/1. A size whose labels are all one
-    class is left uncalibrated."""
-    states, targets, labels = hindsight_labels(rows, preset)
+    as "can the target still be reached", as the oracle's 0/1, of states written toward their
+    own target. A size whose labels are all one class gets that class's smoothed rate (the
+    initial numbers of the preset's problems: every one reachable). `preset` is kept for callers."""
+    states, targets, labels = own_target_labels(rows)
     scores = model.score(states, targets).cpu().double() if states else torch.zeros(0)
     fits = {}
     for size in sorted({len(s) for s in states}):
         pick = torch.tensor([len(s) == size for s in states])
         x, y = scores[pick], torch.tensor(labels, dtype=torch.double)[pick]
-        if y.min() == y.max():
-            continue
         w = torch.zeros(2, dtype=torch.double)
-        X = torch.stack([x, torch.ones_like(x)], 1)
-        for _ in range(steps):  # Newton-Raphson with a small ridge: separable data stay finite
-            p = torch.sigmoid(X @ w)
-            grad = X.T @ (p - y) + 1e-3 * w
-            hess = X.T @ (X * (p * (1 - p))[:, None]) + 1e-3 * torch.eye(2, dtype=torch.double)
-            step = torch.linalg.solve(hess, grad)
-            w -= step
-            if step.abs().max() < 1e-8:
-                break
+        if y.min() == y.max():
+            w[1] = math.log((y.sum() + 0.5) / (len(y) - y.sum() + 0.5))  # log-odds of the smoothed rate
+        else:
+            X = torch.stack([x, torch.ones_like(x)], 1)
+            for _ in range(steps):  # Newton-Raphson with a small ridge: separable data stay finite
+                p = torch.sigmoid(X @ w)
+                grad = X.T @ (p - y) + 1e-3 * w
+                hess = X.T @ (X * (p * (1 - p))[:, None]) + 1e-3 * torch.eye(2, dtype=torch.double)
+                step = torch.linalg.solve(hess, grad)
+                w -= step
+                if step.abs().max() < 1e-8:
+                    break
         fits[size] = (w[0].item(), w[1].item())
-        model.calibration[size] = w.to(model.calibration)
+        model.calibration[min(size, MAX_STATE)] = w.to(model.calibration)
     return fits
+
+
+def written_pairs(n_problems=EVAL_PROBLEMS, preset="tiny"):
+    """{size: [(state, target, reachable)]}: every state the reference search writes on the first
+    n_problems held-out problems (the initial numbers included), with its own target, labelled
+    by the exact oracle: the pairs a credit values, at their own base rate."""
+    out = {}
+    for p in countdown.heldout_problems(n_problems, preset):
+        for state in [tuple(p.nums)] + [s for s, _ in countdown.search_states(p.nums, p.target)]:
+            out.setdefault(len(state), []).append((state, p.target, countdown.solvable(state, p.target)))
+    return dict(sorted(out.items(), reverse=True))
+
+
+def calibration_error(model, pairs):
+    """{size: (Brier score, expected calibration error over 10 bins, share reachable)} of the
+    critic's reachability against the oracle's labels in `pairs` (written_pairs)."""
+    out = {}
+    for size, rows in pairs.items():
+        p = model.reachability([s for s, _, _ in rows], [t for _, t, _ in rows]).double()
+        y = torch.tensor([float(r) for _, _, r in rows], dtype=torch.double)
+        bins = (p * 10).long().clamp(max=9)
+        ece = sum((bins == b).sum().item() * abs(p[bins == b].mean() - y[bins == b].mean()).item()
+                  for b in range(10) if (bins == b).any()) / len(rows)
+        out[size] = (((p - y) ** 2).mean().item(), ece, y.mean().item())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,21 +351,31 @@ ONLINE_LR = 1e-3        # AdamW during RL: half the offline peak, constant (the 
 ONLINE_MIN_ROWS = 64    # no update before the pool holds a batch worth learning from
 
 
+ONLINE_CALIBRATION_ROWS = 400  # per state size: the newest rows, those of the policy as it is now
+
+
 class OnlineTrainer:
     """Trains `model` (a Critic) during RL on critic_data.written_rows of the policy's rollouts,
-    kept per state size in a RowPool; `state_dict` (optimizer and pool) goes into the run's
-    checkpoints, the critic's weights with the run's other modules."""
+    kept per state size in a RowPool, and refits its calibration after every step on the newest
+    ONLINE_CALIBRATION_ROWS rows of each size (from the first rows on: a critic from scratch
+    values states at its pool's base rates, not 0.5); `state_dict` (optimizer, pool, newest
+    rows) goes into the run's checkpoints, the critic's weights with the run's other modules."""
 
     def __init__(self, model, preset, batch_size=256, capacity=POOL_ROWS):
         self.model, self.preset, self.batch_size = model, preset, batch_size
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=ONLINE_LR, weight_decay=0.01)
         self.pool = RowPool(capacity)
+        self.recent = {}  # state size -> its newest rows, oldest first
         self.eval_pairs = None
 
     def step(self, rng, rows):
         """Add `rows`, then one InfoNCE step on a batch drawn per state size (as offline, capped by
         what the pool holds); the loss, or None while the pool is too small."""
         self.pool.add(rng, rows)
+        for row in rows:
+            kept = self.recent.setdefault(len(row[0]), [])
+            kept.append(row)
+            del kept[:-ONLINE_CALIBRATION_ROWS]
         wanted = size_counts(self.batch_size, self.preset)
         counts = {k: min(n, len(self.pool.rows.get(k, ()))) for k, n in wanted.items()}
         if sum(counts.values()) < ONLINE_MIN_ROWS:
@@ -350,10 +387,10 @@ class OnlineTrainer:
         return loss.item()
 
     def recalibrate(self):
-        """Fit the critic's calibration again on the pool's rows (the policy's own searches: a
+        """Fit the critic's calibration again on the newest rows (the policy's own searches: a
         subtree the policy skipped moves of is taken as searched, so its labels are noisier than
-        the reference search's)."""
-        calibrate(self.model, [row for rows in self.pool.rows.values() for row in rows[:400]], self.preset)
+        the reference search's); sizes with no rows yet keep their fit."""
+        calibrate(self.model, [row for rows in self.recent.values() for row in rows], self.preset)
 
     def evaluate(self):
         """{state size: AUROC} against the exact oracle on held-out states (as the offline log)."""
@@ -362,11 +399,11 @@ class OnlineTrainer:
         return evaluate(self.model, self.eval_pairs)
 
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "pool": self.pool.rows}
+        return {"optimizer": self.optimizer.state_dict(), "pool": self.pool.rows, "recent": self.recent}
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
-        self.pool.rows = state["pool"]
+        self.pool.rows, self.recent = state["pool"], state["recent"]
 
 
 def plot_similarity(critic, sampler, preset, path, size=64, seed=123):

@@ -30,8 +30,11 @@ LOOP = {  # the loop's keys (train.py, sft.py, rl.py); the reward terms add thei
     "reward_mean": "mean total reward of the rollouts", "success_rate": "fraction of rollouts that verify",
     "format_rate": "fraction of rollouts with a parsable <Solution> block",
     "guess_rate": "fraction of rollouts with a <Solution> block after a search that never hit the target",
-    "adv_std": "std of the advantages", "zero_adv_frac": "fraction of groups whose rewards are all equal (no signal)",
-    "sampled_zero_adv_frac": "the same among all sampled groups, before --oversample chose",
+    "adv_std": "std of the advantages",
+    "zero_adv_frac": "fraction of the kept groups whose rewards (outcome, format and bonuses) are all equal",
+    "sampled_flat_frac": "fraction of all sampled groups (every round, every process) without signal in the reward "
+                         "refilling reads: the outcome plus what each term pays (RewardTerm.signal)",
+    "sampled_flat_outcome_frac": "fraction of all sampled groups whose outcomes are all equal",
     "sample_rounds": "rounds of rollouts the step drew (--max-sample-rounds; mean over processes)",
     "truncated_frac": "fraction of rollouts cut by the token budget (--mask-truncated takes them out of the loss)",
     "sampler_logp_gap": "mean |sampler log-prob - trainer's old log-prob| over response tokens (bf16 rollouts, "
@@ -55,15 +58,19 @@ LOOP = {  # the loop's keys (train.py, sft.py, rl.py); the reward terms add thei
     **{f"heldout/failed_{kind.replace(' ', '_')}": f"fraction of held-out answers that failed: {kind} (answers.failure)"
        for kind in answers.FAILURES[1:]},
 }
-SHIFT = "mean absolute change the term's bonus made to a rollout's group-normalised advantage (rl.bonus_shifts)"
+SHIFT = "mean over response tokens of |the term's part of the token's advantage| (its centred bonus plus the " \
+        "rewards-to-go of its step rewards; rl.term_shifts)"
+SHIFT_KINDS = {f"adv_shift_{kind}": f"the same over the tokens of {kind} groups ({what})" for kind, what in
+               (("mixed", "some rollouts verify"), ("solved", "every rollout verifies"), ("failed", "none verifies"))}
 
 
 def docs():
     """Every key a line of metrics.jsonl may hold, with its meaning: the loop's, then each
-    registered reward term's as "<term>/<metric>" (with "<term>/adv_shift" when it gives a bonus)."""
+    registered reward term's as "<term>/<metric>" (with "<term>/adv_shift*" when it moves advantages)."""
     out = dict(LOOP)
     for name, term in rewards.REWARD_TERMS.items():
-        out.update({f"{name}/{key}": meaning for key, meaning in {"adv_shift": SHIFT, **term.metrics}.items()})
+        out.update({f"{name}/{key}": meaning for key, meaning in {"adv_shift": SHIFT, **SHIFT_KINDS,
+                                                                   **term.metrics}.items()})
     return out
 
 

@@ -67,20 +67,27 @@ def state_values(problems, texts, critic=None):
     """Per rollout, a State for every state it writes, in writing order. A state that is not the
     result of a legal move of the state it continues (answers.read_search: wrong arithmetic, a
     number that was not there, a fabricated line) is worth 0, whatever its numbers: credit is
-    for states the search reached, never for writing the target down."""
+    for states the search reached, never for writing the target down. Every state of a blind
+    answer (answers.blind_answer: a block its search did not find) is worth 0 too: the states
+    of a search that answers without having reached the target earn nothing, so a lucky guess
+    never out-earns an honest search."""
     written = [answers.extract_states(t) for t in texts]
-    found = [[(o, s, legal) for (o, s), legal in zip(states, legal_states(p, t, states))]
-             for p, t, states in zip(problems, texts, written)]
+    found = []
+    for p, t, states in zip(problems, texts, written):
+        lines = answers.read_search(p.nums, p.target, t)
+        blind = answers.blind_answer(t, lines)
+        found.append([(o, s, legal and not blind) for (o, s), legal in zip(states, legal_states(lines, states))])
     flat = [(k, o, s, p.target) for k, (p, states) in enumerate(zip(problems, found)) for o, s, legal in states
             if legal]
     values = iter(values_of([s for _, _, s, _ in flat], [t for *_, t in flat], critic))
     return [[State(o, len(s), next(values) if legal else 0.0) for o, s, legal in states] for states in found]
 
 
-def legal_states(problem, text, states):
+def legal_states(lines, states):
     """For each of `states` (answers.extract_states(text)), in order: is it the child of a legal
-    written move? The states of a search are its moves' children, one each, in writing order."""
-    lines = iter(answers.read_search(problem.nums, problem.target, text))
+    written move (`lines`: answers.read_search of the same text)? The states of a search are its
+    moves' children, one each, in writing order."""
+    lines = iter(lines)
     line = next(lines, None)
     out = []
     for _, state in states:
@@ -127,16 +134,18 @@ def potential_credit(values, initial):
     return credits
 
 
-def dead_end_charges(values, solved):
+def dead_end_charges(values, solved, answer_offsets):
     """A charge for each dead end a search that solves writes: -(1 - V(s)) / n on each of its n
     written states (an oracle dead end, V = 0, charged 1 / n), so the charges of a solved rollout
     sum to minus the share of its states that are dead, at most 1; a rollout that does not solve
-    is never charged. Per rollout [(offset, reward)]. Why only solved ones: under a binding budget
-    a failed search and a guess both earn 0, and a guess writes few states; a charge on every
-    rollout's dead ends paid the policy to stop searching: see
-    docs/critic.md#from-values-to-rewards-six-credits---critic-credit."""
-    return [[(s.offset, -(1.0 - s.value) / len(vs)) for s in vs] if ok and vs else []
-            for vs, ok in zip(values, solved)]
+    is never charged. A solved rollout that writes no state at all (a bare block) is charged the
+    full 1 at `answer_offsets` (where its block starts), as a blind answer's states are (worth 0):
+    a verified guess earns 1 - beta, below any honest solve. Per rollout [(offset, reward)]. Why
+    only solved ones: under a binding budget a failed search and a guess both earn 0, and a guess
+    writes few states; a charge on every rollout's dead ends paid the policy to stop searching:
+    see docs/critic.md#from-values-to-rewards-six-credits---critic-credit."""
+    return [([(s.offset, -(1.0 - s.value) / len(vs)) for s in vs] if vs else [(at, -1.0)]) if ok else []
+            for vs, ok, at in zip(values, solved, answer_offsets)]
 
 
 def token_rewards(credits, tokens, tokenizer, width):
@@ -167,6 +176,23 @@ STATE_METRICS = {"bonus_mean": "sequence / prune credit: mean bonus per rollout,
 CREDITS = ("sequence", "process", "move", "potential", "prune", "prune-steps")
 
 
+def rollout_credit(credit, values, solved, texts, initial):
+    """What `credit` (before beta) gives each rollout: (bonus [N], None) for the credits that join
+    the reward (sequence, prune), or (None, per rollout [(offset, reward)]) for the step credits."""
+    if credit == "sequence":
+        return sequence_credit(values), None
+    if credit == "prune":
+        charges = dead_end_charges(values, solved, answer_offsets(texts))
+        return torch.tensor([sum(r for _, r in cs) for cs in charges], dtype=torch.float), None  # float: [] sums to 0
+    if credit == "process":
+        return None, [[(s.offset, s.value) for s in vs] for vs in values]
+    if credit == "move":
+        return None, move_credit(values)
+    if credit == "prune-steps":
+        return None, dead_end_charges(values, solved, answer_offsets(texts))
+    return None, potential_credit(values, initial)
+
+
 def state_credit(run, rollouts, values, initial):
     """How state values become rewards (--critic-credit, weight beta = --critic-coef):
     sequence: beta x the rollout's mean state value joins its reward;
@@ -180,22 +206,10 @@ def state_credit(run, rollouts, values, initial):
     Step rewards become advantages as rewards-to-go (rl.py)."""
     args = run.args
     metrics = {"states_per_rollout": sum(len(v) for v in values) / len(values)}
-    if args.critic_credit in ("sequence", "prune"):
-        if args.critic_credit == "sequence":
-            bonus = sequence_credit(values)
-        else:
-            bonus = torch.tensor([sum(r for _, r in cs) for cs in dead_end_charges(values, rollouts.correct.tolist())],
-                                 dtype=torch.float)  # a group with nothing solved sums empty lists to int 0
+    bonus, credits = rollout_credit(args.critic_credit, values, rollouts.correct.tolist(), rollouts.texts, initial)
+    if bonus is not None:
         metrics["bonus_mean"] = bonus.mean().item()
         return args.critic_coef * bonus, None, metrics
-    if args.critic_credit == "process":
-        credits = [[(s.offset, s.value) for s in vs] for vs in values]
-    elif args.critic_credit == "move":
-        credits = move_credit(values)
-    elif args.critic_credit == "prune-steps":
-        credits = dead_end_charges(values, rollouts.correct.tolist())
-    else:
-        credits = potential_credit(values, initial)
     width = rollouts.ids.shape[1] - rollouts.start
     steps, mask = token_rewards(credits, rollouts.tokens, run.tokenizer, width)
     steps = torch.nn.functional.pad(steps, (rollouts.start, 0)).to(run.device)
@@ -204,6 +218,11 @@ def state_credit(run, rollouts, values, initial):
     if args.critic_credit == "process":
         steps = grpo.normalise_step_rewards(steps, mask, args.group_size, scale=not args.no_scale_adv)
     return None, args.critic_coef * steps, metrics
+
+
+def answer_offsets(texts):
+    """Where each text's <Solution> block starts (its last character when it has none)."""
+    return [t.find("<Solution>") if "<Solution>" in t else max(len(t) - 1, 0) for t in texts]
 
 
 def initial_values(problems, critic=None):
@@ -225,6 +244,9 @@ class RewardTerm:
       complete(args, on)  fill defaults that depend on other flags
       warmup_steps(args)  steps of rollouts (numbered -W..-1) the term trains on before the policy's first
       weight(args)        the coefficient its bonus carries (--normalise-terms weighs by it)
+      signal(run, problems, texts, correct) -> [N] what each rollout would earn from the term,
+                          from the texts alone, or None: refilling keeps a group whose outcome
+                          plus these differ (a term that needs the old pass, as CLIPO, says None)
       __init__(run)       its state, built once from the run (run.Run)
       score(run, rollouts, step) -> (bonus [N] added to each rollout's reward before group
                           normalisation, or None; step rewards [N, T] added to the per-token
@@ -252,6 +274,9 @@ class RewardTerm:
     @staticmethod
     def weight(args):
         return 1.0
+
+    def signal(self, run, problems, texts, correct):
+        return None
 
     def __init__(self, run):
         pass

@@ -60,9 +60,10 @@ class Rollouts:
     formatted: torch.Tensor = None     # [N] 1 when a <Solution> block parses
     reward: torch.Tensor = None        # [N] outcome + format + the terms' bonuses
     step_rewards: torch.Tensor = None  # [N, T] the terms' per-token rewards, summed (0 elsewhere)
-    advantages: torch.Tensor = None    # [N, T] group-normalised reward + rewards-to-go of step_rewards
+    advantages: torch.Tensor = None    # [N, T] group-normalised outcome + centred bonuses + rewards-to-go of step_rewards
     loss_mask: torch.Tensor = None     # [N, T] the tokens the loss reads (--mask-truncated: finished rows only)
     bonuses: dict = None               # term name -> [N] its bonus in the reward (step rewards not included)
+    term_steps: dict = None            # term name -> [N, T] its step rewards (the terms that give them)
 
     @property
     def lengths(self):
@@ -111,7 +112,9 @@ def draw_problems(run, step, round_):
 def sample_round(run, step, round_):
     """G rollouts of each problem of one round, decoded and verified: a dict of per-group lists
     (problems, prompts) and per-row lists (tokens, sampler log-probs, finished, texts), and each
-    group's flatness (equal rewards: no signal)."""
+    group's flatness: "flat", no signal in the reward the advantages are computed from (the
+    outcome plus what each reward term would pay, RewardTerm.signal), and "flat_outcome", no
+    signal in the outcome alone."""
     args, tok, group = run.args, run.tokenizer, run.args.group_size
     problems = draw_problems(run, step, round_)
     prompts = [encode_prompt(tok, countdown.prompt(p, run.style), chat=run.style == "longproc") for p in problems]
@@ -123,18 +126,31 @@ def sample_round(run, step, round_):
                      top_k=args.top_k, num_samples=group, eos_token_id=run.eos, stop="</Solution>", tokenizer=tok,
                      generator=generators, pad_token_id=tok.pad_token_id)
     texts = [tok.decode(t, skip_special_tokens=True) for t in sampled.tokens]
-    correct, formatted = rewards.outcome([p for p in problems for _ in range(group)], texts)
-    grouped = (correct + args.format_reward * formatted).view(-1, group)
+    rows = [p for p in problems for _ in range(group)]
+    correct, formatted = rewards.outcome(rows, texts)
+    outcome = correct + args.format_reward * formatted
+    total = outcome.clone()
+    for term in run.terms.values():
+        paid = term.signal(run, rows, texts, correct)
+        if paid is not None:
+            total = total + paid
     return {"problems": problems, "prompts": prompts, "tokens": sampled.tokens, "logprobs": sampled.logprobs,
-            "finished": sampled.finished, "texts": texts, "flat": (grouped.amax(1) == grouped.amin(1)).tolist()}
+            "finished": sampled.finished, "texts": texts, "flat": _flat(total, group), "flat_outcome": _flat(outcome, group)}
+
+
+def _flat(values, group):
+    """Per group of `group` consecutive values: are they all equal?"""
+    grouped = values.view(-1, group)
+    return (grouped.amax(1) == grouped.amin(1)).tolist()
 
 
 def roll_out(run, step, keep):
     """`keep` groups of G rollouts, packed into rows. Each round draws (1 + --oversample) x
     `keep` prompts; rounds go on (at most --max-sample-rounds) until `keep` groups have signal
-    (rewards that differ), and the groups with signal come first (DAPO's dynamic sampling: a
-    group of equal rewards has zero advantage). Returns the Rollouts, the fraction of sampled
-    groups without signal and the rounds used."""
+    (rewards that differ: the outcome, or what a reward term pays, so a group whose rollouts all
+    solved but whose credits differ is kept), and the groups with signal come first (DAPO's
+    dynamic sampling: a group of equal rewards has zero advantage). Returns the Rollouts, the
+    sampled groups' flatness by the whole reward and by the outcome alone, and the rounds used."""
     args, group = run.args, run.args.group_size
     run.refresh_rollout_model()  # with --bf16, a bf16 copy of the current weights: no autocast needed
     pooled = {}
@@ -156,7 +172,7 @@ def roll_out(run, step, keep):
     r = Rollouts(problems=[pooled["problems"][g] for g in chosen for _ in range(group)], tokens=tokens,
                  texts=[pooled["texts"][i] for i in rows], ids=ids, attention=attention, response=response, start=start,
                  finished=[pooled["finished"][i] for i in rows], sampler_logp=sampler_logp.to(run.device))
-    return r, sum(flat) / len(flat), round_ + 1
+    return r, (flat, pooled["flat_outcome"]), round_ + 1
 
 
 def old_pass(run, r, pooled):
@@ -188,7 +204,7 @@ def score(run, r, step):
     r.correct, r.formatted = rewards.outcome(r.problems, r.texts)
     r.reward = r.correct + run.args.format_reward * r.formatted
     r.step_rewards = torch.zeros_like(r.response)
-    r.bonuses, metrics = {}, {}
+    r.bonuses, r.term_steps, metrics = {}, {}, {}
     for name, term in run.terms.items():
         bonus, step_rewards, term_metrics = term.score(run, r, step)
         if bonus is not None:
@@ -196,6 +212,7 @@ def score(run, r, step):
             r.bonuses[name] = bonus
         if step_rewards is not None:
             r.step_rewards = r.step_rewards + step_rewards
+            r.term_steps[name] = step_rewards
         metrics.update({f"{name}/{k}": v for k, v in term_metrics.items()})
     return metrics
 
@@ -293,37 +310,63 @@ def search_sums(r):
     return sums
 
 
-def advantages(run, r):
-    """[N, T]: the group-normalised reward of each rollout at every token, plus the rewards-to-go
-    of the terms' step rewards. --normalise-terms: the outcome (+ format) and each term's bonus
-    are normalised within the group apart, and the bonuses added at their weights |coefficient|
-    (its RewardTerm.weight), so a term's scale no longer decides its share."""
+def bonus_advantages(run, r):
+    """{term: [N] what its bonus adds to each rollout's advantage}. By default the bonus centred
+    in its group, added after the outcome's normalisation: its coefficient is its size in
+    advantage units in every group (docs/grpo.md#reward-terms-and-advantages says why: added
+    before, a group whose outcomes are all equal divides it by its own spread, and a 0.02
+    difference of credit becomes a full-size advantage). --normalise-terms: the bonus
+    normalised in its group apart, at its weight |coefficient| (RewardTerm.weight)."""
     args, scale = run.args, not run.args.no_scale_adv
-    if not args.normalise_terms:
-        outcome = grpo.group_advantages(r.reward.to(run.device), args.group_size, scale=scale)
-    else:
-        outcome = grpo.group_advantages((r.correct + args.format_reward * r.formatted).to(run.device),
-                                        args.group_size, scale=scale)
-        for name, bonus in r.bonuses.items():
-            weight = abs(run.terms[name].weight(args))
-            outcome = outcome + weight * grpo.group_advantages(bonus.to(run.device), args.group_size, scale=scale)
-    return outcome[:, None] + grpo.rewards_to_go(r.step_rewards)
-
-
-def bonus_shifts(run, r):
-    """{"<term>/adv_shift": mean over rollouts of |the change the term's bonus made to its
-    group-normalised advantage|}. A bonus every correct response of a group shares moves no
-    normalised advantage; only its spread among them does, which this measures."""
-    args, scale = run.args, not run.args.no_scale_adv
-    shifts = {}
+    out = {}
     for name, bonus in r.bonuses.items():
+        bonus = bonus.to(run.device)
         if args.normalise_terms:
-            change = abs(run.terms[name].weight(args)) * grpo.group_advantages(bonus, args.group_size, scale=scale)
+            out[name] = abs(run.terms[name].weight(args)) * grpo.group_advantages(bonus, args.group_size, scale=scale)
         else:
-            change = (grpo.group_advantages(r.reward, args.group_size, scale=scale)
-                      - grpo.group_advantages(r.reward - bonus, args.group_size, scale=scale))
-        shifts[f"{name}/adv_shift"] = change.abs().mean().item()
-    return shifts
+            out[name] = grpo.group_advantages(bonus, args.group_size, scale=False)
+    return out
+
+
+def advantages(run, r):
+    """[N, T]: the group-normalised outcome (+ format) of each rollout at every token, plus each
+    term's bonus part (bonus_advantages), plus the rewards-to-go of the terms' step rewards."""
+    args = run.args
+    outcome = grpo.group_advantages((r.correct + args.format_reward * r.formatted).to(run.device),
+                                    args.group_size, scale=not args.no_scale_adv)
+    for part in bonus_advantages(run, r).values():
+        outcome = outcome + part
+    return outcome[:, None] + grpo.rewards_to_go(r.step_rewards.to(run.device))
+
+
+GROUP_KINDS = ("mixed", "solved", "failed")
+
+
+def group_kinds(r, group):
+    """Per rollout, the kind of its group: "solved" (every rollout verifies), "failed" (none
+    does) or "mixed"."""
+    kinds = ["solved" if g.min() == 1 else "failed" if g.max() == 0 else "mixed" for g in r.correct.view(-1, group)]
+    return [k for k in kinds for _ in range(group)]
+
+
+def term_shifts(run, r):
+    """How much each term moves the advantages: {"<term>/adv_shift" and "<term>/adv_shift_<kind>":
+    (the sum over response tokens of |the term's part of the token's advantage|, the count that
+    sum is a mean over)}. A term's part is its bonus_advantages plus the rewards-to-go of its own
+    step rewards; the kinds are GROUP_KINDS (in an all-solved group only a credit moves anything)."""
+    parts = {name: part[:, None].expand_as(r.response) for name, part in bonus_advantages(run, r).items()}
+    for name, steps in (r.term_steps or {}).items():
+        rtg = grpo.rewards_to_go(steps.to(run.device))
+        parts[name] = parts[name] + rtg if name in parts else rtg
+    kinds = group_kinds(r, run.args.group_size)
+    response = r.response.to(run.device)
+    out = {}
+    for name, part in parts.items():
+        moved = (part.abs() * response).sum(1).tolist()
+        out[f"{name}/adv_shift"] = (sum(moved), "tokens")
+        for kind in GROUP_KINDS:
+            out[f"{name}/adv_shift_{kind}"] = (sum(m for m, k in zip(moved, kinds) if k == kind), f"tokens_{kind}")
+    return out
 
 
 def loss_mask(r, mask_truncated):
@@ -340,11 +383,13 @@ def rl_step(run, step):
     args, m = run.args, StepMetrics(run.device)
     # 1-2. prompts and rollouts: this process's slice of each round's global list, G samples each
     with m.seconds("time_sample"):
-        r, sampled_flat, rounds = roll_out(run, step, keep=args.prompts_per_step // run.world)
+        r, (sampled_flat, sampled_flat_outcome), rounds = roll_out(run, step, keep=args.prompts_per_step // run.world)
     m.count("rollouts", len(r.tokens))
     m.count("groups", len(r.tokens) / args.group_size)
     m.count("tokens", r.response.sum().item())
-    m.mean("sampled_zero_adv_frac", sampled_flat, "processes")
+    m.count("sampled_groups", len(sampled_flat))  # refilling draws a number of its own on each process
+    m.mean("sampled_flat_frac", sum(sampled_flat), "sampled_groups")
+    m.mean("sampled_flat_outcome_frac", sum(sampled_flat_outcome), "sampled_groups")
     m.mean("sample_rounds", rounds, "processes")
     m.mean("response_length_mean", sum(r.lengths), "rollouts")
     m.most("response_length_max", max(r.lengths))
@@ -361,8 +406,11 @@ def rl_step(run, step):
         # 5. advantages, and the tokens the loss reads (--mask-truncated: none of a rollout cut by the
         # budget; its reward still counts in its group's mean and std, as DAPO's overlong filtering does)
         r.advantages = advantages(run, r)
-        for name, value in bonus_shifts(run, r).items():
-            m.mean(name, value, "processes")
+        kinds = group_kinds(r, args.group_size)
+        for kind in GROUP_KINDS:
+            m.count(f"tokens_{kind}", sum(n for n, k in zip(r.lengths, kinds) if k == kind))
+        for name, (total, per) in term_shifts(run, r).items():
+            m.mean(name, total, per)
         r.loss_mask = loss_mask(r, args.mask_truncated)
     grouped = r.reward.view(-1, args.group_size)
     m.mean("reward_mean", r.reward.sum().item(), "rollouts")

@@ -20,7 +20,8 @@ import clipo
 import critic
 import critic_data
 from distributed import all_gather_lists, seed_for
-from rewards import CREDITS, STATE_METRICS, RewardTerm, initial_values, reward_term, state_credit, state_values
+from rewards import (CREDITS, STATE_METRICS, RewardTerm, initial_values, reward_term, rollout_credit, state_credit,
+                     state_values)
 
 
 class StateCredit(RewardTerm):
@@ -36,19 +37,33 @@ class StateCredit(RewardTerm):
 
     @staticmethod
     def check(args, on):
+        problems = []
         if on and args.ratio == "geometric" and args.critic_credit not in ("sequence", "prune"):
-            return [f"--ratio geometric (GMPO) needs one advantage per sequence, but --critic-credit "
-                    f"{args.critic_credit} gives per-token advantages: use sequence credit or another --ratio"]
-        return []
+            problems.append(f"--ratio geometric (GMPO) needs one advantage per sequence, but --critic-credit "
+                            f"{args.critic_credit} gives per-token advantages: use sequence credit or another --ratio")
+        if on and args.normalise_terms and args.critic_credit == "prune":
+            problems.append("--normalise-terms with --critic-credit prune: every unsolved rollout holds the top bonus "
+                            "(0), so the bonus normalised apart works against the outcome: drop one")
+        return problems
 
     @staticmethod
     def weight(args):
         return args.critic_coef
 
+    def signal(self, run, problems, texts, correct):
+        """Beta x the credit each rollout earns (its bonus, or the sum of its step rewards)."""
+        bonus, credits = rollout_credit(run.args.critic_credit, state_values(problems, texts, self.critic),
+                                        correct.tolist(), texts, self._initial(run, problems))
+        if bonus is None:
+            bonus = torch.tensor([float(sum(r for _, r in cs)) for cs in credits])
+        return run.args.critic_coef * bonus
+
+    def _initial(self, run, problems):
+        return initial_values(problems, self.critic) if run.args.critic_credit == "potential" else None
+
     def score(self, run, rollouts, step):
         values = state_values(rollouts.problems, rollouts.texts, self.critic)
-        initial = initial_values(rollouts.problems, self.critic) if run.args.critic_credit == "potential" else None
-        return state_credit(run, rollouts, values, initial)
+        return state_credit(run, rollouts, values, self._initial(run, rollouts.problems))
 
 
 CRITIC_METRICS = {**STATE_METRICS,
@@ -108,8 +123,8 @@ class CriticCredit(StateCredit):
         metrics = {"online_rows": float(len(rows))}  # the same on every rank, as the loss and AUROCs
         if loss is not None:
             metrics["online_loss"] = loss
+        self.trainer.recalibrate()  # every step: values at the policy's newest base rates from the first rows on
         if (step + 1) % run.args.eval_every == 0 or step + 1 == run.args.steps:
-            self.trainer.recalibrate()
             metrics.update({f"auroc_{k}": v for k, v in self.trainer.evaluate().items()})
         return metrics
 

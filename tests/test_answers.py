@@ -233,3 +233,15 @@ def test_legality_through_the_one_enumeration_equals_the_rules_written_out():
         assert answers._legal(parent, (a, op, b, value), child, restated, 24) == expected, (parent, a, op, b, child)
         legal += expected
     assert 1_000 < legal < 19_000  # both kinds are drawn
+
+
+def test_a_long_number_does_not_shift_the_legality_of_later_states():
+    """A line whose set holds a 7-digit number is neither a state (extract_states) nor a move
+    (read_search): both read a set with one pattern. When the move reader took that line and the
+    state reader did not, every later state was matched to the wrong line and read illegal."""
+    import rewards
+    p = countdown.Problem((21, 16, 17, 26), 46)
+    text = "+-*/\n21+16=37 [1234567,17,26]\n21+16=37 [37,17,26]\n37+17=54 [54,26]\n54-26=28|46\n"
+    states = answers.extract_states(text)
+    assert [s for _, s in states] == [[37, 17, 26], [54, 26], [28]]
+    assert rewards.legal_states(answers.read_search(p.nums, p.target, text), states) == [True, True, True]

@@ -98,3 +98,9 @@ def test_critic_files_are_checked_before_any_model_loads(setup, tmp_path):
     torch.manual_seed(0)
     critic.save(critic.Critic(), str(tmp_path / "good.safetensors"))
     assert _train(setup, tmp_path / "c", 1, "--critic", str(tmp_path / "good.safetensors"), mode="critic").returncode == 0
+
+
+def test_normalise_terms_with_the_prune_credit_is_refused(setup):
+    """Every unsolved rollout holds prune's top bonus (0): normalised apart it would pay failing."""
+    _one_line_error(_train(setup, setup / "prune-normalised", 2, "--normalise-terms", "--critic-credit", "prune",
+                           mode="oracle"), "--normalise-terms with --critic-credit prune")

@@ -1,5 +1,7 @@
 """rewards.py: state values, sequence and process credit, character offsets -> token positions,
 checked on hand-computed cases."""
+import math
+
 import pytest
 import torch
 
@@ -102,33 +104,26 @@ class _IdealCritic(critic.Critic):
 
 def ideal_critic():
     model = _IdealCritic()
-    critic.calibrate(model, critic_data.calibration_rows("tiny", searches=40), "tiny")
+    critic.calibrate(model, critic_data.calibration_rows("tiny"), "tiny")
     return model
 
 
-def test_an_ideal_critic_values_states_as_the_oracle_does():
-    """Calibrated on hindsight labels, a perfect ranking gives the oracle's 0/1 (within 1e-3), so
-    the prune credit charges a solved search with no dead end nothing, as the oracle does. (A
-    softmax of the scores against a bank of targets gave live 3-number states ~0.15.)"""
-    oracle = rewards.state_values([P], [TRACE])[0]
-    ideal = rewards.state_values([P], [TRACE], ideal_critic())[0]
-    assert [s.value for s in ideal] == pytest.approx([s.value for s in oracle], abs=1e-3)
-    pruned = _four_rollouts()["pruned"]
-    charges = rewards.dead_end_charges(rewards.state_values([P], [pruned], ideal_critic()), [True])[0]
-    assert charges and sum(r for _, r in charges) == pytest.approx(0.0, abs=1e-3)
-
-
-def test_the_calibration_is_a_logistic_fit_of_hindsight_labels():
+def test_the_calibration_is_a_logistic_fit_of_own_target_labels():
     """On a critic whose score is the label plus noise, the fit recovers the labels' log-odds:
-    a score of 0 (half way) reads ~0.5, and the fit per size is monotone increasing."""
+    a score of 0 (half way) reads ~0.5, and the fit per size is monotone increasing; a size whose
+    labels are one class (every 3- and 4-number state of `tiny`'s searches reaches) reads its
+    smoothed rate. A label is whether the row's own search reached its target below the state."""
     model = _IdealCritic()
-    fits = critic.calibrate(model, critic_data.calibration_rows("tiny", searches=40), "tiny")
-    assert set(fits) == {1, 2, 3} and all(a > 0 for a, _ in fits.values())
-    for a, b in fits.values():
-        assert abs(b / a) < 0.5  # the boundary between -5 and +5 sits near 0
-    labels = critic_data.hindsight_labels([((3, 4), (7, 12, 1, -1, 0), 50)], "tiny")
-    assert labels[2] == [1.0 if t in (7, 12) else 0.0 for t in range(10, 51)]
-    assert critic_data.hindsight_labels([((3, 4), (7, 12), 12)], "tiny") == ([], [], [])  # stopped on its target
+    rows = critic_data.calibration_rows("tiny", searches=40)
+    fits = critic.calibrate(model, rows, "tiny")
+    assert set(fits) == {1, 2, 3, 4}
+    for size in (1, 2):
+        a, b = fits[size]
+        assert a > 0 and abs(b / a) < 0.5  # the boundary between -5 and +5 sits near 0
+    for size in (3, 4):
+        assert fits[size] == pytest.approx((0.0, math.log(40.5 / 0.5)))
+    assert critic_data.own_target_labels([((3, 4), {7, 12}, 12), ((3, 4), {7, 12}, 50)]) == \
+        ([(3, 4), (3, 4)], [12, 50], [1.0, 0.0])
 
 
 # --- credits that do not charge for exploring (hand-built traces, exact per-token values) ------
@@ -256,17 +251,66 @@ def test_the_prune_credits_cannot_be_won_without_solving(credit, beta):
     assert min(earned["dead ends"], earned["pruned"]) > max(earned["guess"], earned["out of budget"])
 
 
-def test_move_and_potential_credit_pay_a_guess_more_than_a_search_cut_by_the_budget():
-    """What docs/critic.md reports of the earlier credits, through the same group: before it guessed,
-    the missed search wrote a live 2-number state ([20, 26]) as its last state, while the cut
-    search's last state is a dead leaf. Move credit pays the best state of each depth (2 live
-    levels against 1), potential credit V(last) - V(first) (0 against -1): both pay the guess."""
-    for credit in ("move", "potential"):
-        earned = _returns(credit, 0.5)
-        assert earned["guess"] > earned["out of budget"], credit
-    for credit in ("sequence", "process"):
-        earned = _returns(credit, 0.5)
-        assert earned["guess"] <= earned["out of budget"] + 1e-6 and earned["dead ends"] < earned["pruned"], credit
+@pytest.mark.parametrize("credit", rewards.CREDITS)
+def test_no_credit_pays_a_guess_more_than_a_search_cut_by_the_budget(credit):
+    """Before it guessed, the missed search wrote a live 2-number state ([20, 26]) as its last
+    state, while the cut search's last state is a dead leaf: move and potential credit paid the
+    guess more (docs/critic.md). A blind answer's states are worth nothing now, under every credit."""
+    earned = _returns(credit, 0.5)
+    assert earned["guess"] <= earned["out of budget"] + 1e-6, credit
+
+
+VERIFIED_BLOCK = "<Solution>" + TRACE.split("<Solution>")[1]
+
+
+@pytest.mark.parametrize("source", ["oracle", "critic"])
+@pytest.mark.parametrize("credit", rewards.CREDITS)
+def test_a_verified_guess_never_out_earns_an_honest_solved_search(source, credit):
+    """A right block after a search that wrote only a live state and never reached the target,
+    and a right block with no search at all, both verify; neither may earn more than the honest
+    search that writes its dead ends and finds the target (whose block is the same), under
+    every credit, from the oracle and from an ideal critic, through rl.score and rl.advantages."""
+    texts = {"honest": TRACE, "lucky": "+-*/\n21+16=37 [37,17,26]\n" + VERIFIED_BLOCK,
+             "bare": "+-*/\n" + VERIFIED_BLOCK, "cut": TRACE[:60]}
+    assert [countdown.verify(P.nums, P.target, t) for t in texts.values()] == [True, True, True, False]
+    assert rewards.state_values([P], [texts["lucky"]])[0][0].value == 0.0  # [37,17,26] is live, but blind
+    earned = _earned(texts, source, credit, 0.5, finished=[True, True, True, False])
+    assert earned["lucky"] <= earned["honest"] + 1e-6 and earned["bare"] <= earned["honest"] + 1e-6, earned
+
+
+def _earned(texts, source, credit, beta, finished):
+    """Each text's return (the advantage of its first response token) in one group, through
+    rl.score and rl.advantages, valued by the oracle or an ideal critic."""
+    import types
+    import rl
+    import train
+    tok = TinyTokenizer()
+    args = train.parse_args(["--mode", source, "--critic-credit", credit, "--critic-coef", str(beta),
+                             "--group-size", str(len(texts))])
+    run = types.SimpleNamespace(args=args, tokenizer=tok, device=torch.device("cpu"))
+    term = terms.StateCredit(run)  # the critic's and the oracle's credit, valued by `critic` (None: the oracle)
+    term.critic = ideal_critic() if source == "critic" else None
+    run.terms = {source: term}
+    tokens = [tok.encode(t) + [tok.eos_token_id] for t in texts.values()]
+    ids, attention, response, start = forward.pack_rollouts([[5, 6]], tokens, tok.pad_token_id, "cpu")
+    r = rl.Rollouts(problems=[P] * len(texts), tokens=tokens, texts=list(texts.values()), ids=ids,
+                    attention=attention, response=response, start=start, finished=finished)
+    rl.score(run, r, step=0)
+    return dict(zip(texts, rl.advantages(run, r)[:, start].tolist()))
+
+
+def test_refilling_reads_a_credit_s_signal():
+    """A group whose rollouts all solve, one writing dead ends and one not, has no signal in its
+    outcome and some in the prune credit: StateCredit.signal says what each would earn."""
+    import types
+    import train
+    texts = list(_four_rollouts().values())[:2]  # the reference search (dead ends), the pruned one
+    args = train.parse_args(["--mode", "oracle", "--critic-credit", "prune-steps", "--critic-coef", "0.5"])
+    run = types.SimpleNamespace(args=args, tokenizer=TinyTokenizer(), device=torch.device("cpu"))
+    term = rewards.REWARD_TERMS["oracle"](run)
+    paid = term.signal(run, [P, P], texts, torch.ones(2)).tolist()
+    dead = [not line.reaches for line in answers.read_search(P.nums, P.target, TRACE)]
+    assert paid == pytest.approx([-0.5 * sum(dead) / len(dead), 0.0])
 
 
 def test_an_illegal_state_is_worth_nothing():
@@ -276,32 +320,19 @@ def test_an_illegal_state_is_worth_nothing():
     text = "+-*/\n8+9=31|31\n<Solution>\n8 + 9 = 31\n</Solution>\n"
     for source in (None, ideal_critic()):
         assert [s.value for s in rewards.state_values([problem], [text], source)[0]] == [0.0]
-    assert rewards.legal_states(P, TRACE, answers.extract_states(TRACE)) == [True] * 7
+    assert rewards.legal_states(answers.read_search(P.nums, P.target, TRACE), answers.extract_states(TRACE)) == [True] * 7
 
 
 @pytest.mark.parametrize("source", ["oracle", "critic"])
 @pytest.mark.parametrize("credit", rewards.CREDITS)
 def test_a_fabricated_line_never_out_earns_an_honest_search(source, credit):
-    """`21+16=46|46` writes the target as a leaf in one illegal line; it must earn no more than an
-    honest search cut by the budget after a dead end (which never reached the target either), for
-    every credit, from the oracle and from an ideal critic, through rl.score and rl.advantages."""
-    import types
-    import rl
-    import train
-    tok = TinyTokenizer()
-    honest = TRACE[:60]  # [37,17,26] live, [54,26] dead, leaves 80, 28 dead
-    fabricated = "+-*/\n21+16=46|46\n<Solution>\n21 + 16 = 46\n</Solution>\n"
-    assert not countdown.verify(P.nums, P.target, fabricated)
-    texts = [honest, fabricated]
-    args = train.parse_args(["--mode", source, "--critic-credit", credit, "--critic-coef", "0.5", "--group-size", "2"])
-    run = types.SimpleNamespace(args=args, tokenizer=tok, device=torch.device("cpu"))
-    credit = terms.StateCredit(run)  # the critic's and the oracle's credit, valued by `critic` (None: the oracle)
-    credit.critic = ideal_critic() if source == "critic" else None
-    run.terms = {source: credit}
-    tokens = [tok.encode(t) + [tok.eos_token_id] for t in texts]
-    ids, attention, response, start = forward.pack_rollouts([[5, 6]], tokens, tok.pad_token_id, "cpu")
-    r = rl.Rollouts(problems=[P] * 2, tokens=tokens, texts=texts, ids=ids, attention=attention,
-                    response=response, start=start, finished=[False, True])
-    rl.score(run, r, step=0)
-    earned = rl.advantages(run, r)[:, start].tolist()
-    assert earned[1] <= earned[0] + 1e-6, earned
+    """`21+16=46|46` writes the target as a leaf in one illegal line, then the right block: it
+    verifies, and must earn no more than the honest search that finds the same block (with its
+    dead ends), for every credit, from the oracle and from an ideal critic. Beside them, the
+    fabricated line with a wrong block earns no more than an honest search cut by the budget."""
+    texts = {"honest": TRACE, "fabricated": "+-*/\n21+16=46|46\n" + VERIFIED_BLOCK,
+             "cut": TRACE[:60], "fabricated wrong": "+-*/\n21+16=46|46\n<Solution>\n21 + 16 = 46\n</Solution>\n"}
+    assert [countdown.verify(P.nums, P.target, t) for t in texts.values()] == [True, True, False, False]
+    earned = _earned(texts, source, credit, 0.5, finished=[True, True, False, True])
+    assert earned["fabricated"] <= earned["honest"] + 1e-6, earned
+    assert earned["fabricated wrong"] <= earned["cut"] + 1e-6, earned

@@ -71,7 +71,7 @@ def test_sampling_rounds_go_on_until_enough_groups_have_signal(tiny, monkeypatch
     run = _run(tiny, "rounds", "--max-sample-rounds", "4", "--prompts-per-step", "8")
     checked = set()
     for step in range(6):
-        r, flat_frac, rounds = rl.roll_out(run, step, keep=8)
+        r, (sampled_flat, _), rounds = rl.roll_out(run, step, keep=8)
         drawn = [rl.sample_round(run, step, k) for k in range(4)]
         signal = [sum(not f for f in d["flat"]) for d in drawn]
         expected = next((k + 1 for k in range(4) if sum(signal[:k + 1]) >= 8), 4)
@@ -80,11 +80,17 @@ def test_sampling_rounds_go_on_until_enough_groups_have_signal(tiny, monkeypatch
         problems = [p for d in drawn[:expected] for p in d["problems"]]
         chosen = rl.choose_groups(flat, 8)
         assert r.problems[::4] == [problems[g] for g in chosen]
-        assert flat_frac == pytest.approx(sum(flat) / len(flat))
+        assert sampled_flat == flat
         checked.add(expected)
     assert len(checked) > 1  # steps that needed different numbers of rounds
     one = _run(tiny, "one-round", "--max-sample-rounds", "1")  # the problems of the first round alone
     assert rl.roll_out(one, 0, keep=4)[0].problems[::4] == rl.draw_problems(one, 0, 0)
+
+
+def _norm(values):
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return [0.0 if max(values) == min(values) else (v - mean) / (std + 1e-6) for v in values]
 
 
 def test_normalise_terms_against_a_loop():
@@ -99,38 +105,53 @@ def test_normalise_terms_against_a_loop():
     r = types.SimpleNamespace(correct=correct, formatted=torch.zeros(n), bonuses=bonuses,
                               reward=correct + sum(bonuses.values()), step_rewards=torch.zeros(n, 3))
     got = rl.advantages(run, r)[:, 0]
-
-    def norm(values):
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-        return [0.0 if max(values) == min(values) else (v - mean) / (std + 1e-6) for v in values]
     for k in range(0, n, group):
-        expected = norm(correct[k:k + group].tolist())
+        expected = _norm(correct[k:k + group].tolist())
         for name, weight in (("critic", 0.5), ("clipo", 0.2)):
-            expected = [e + weight * b for e, b in zip(expected, norm(bonuses[name][k:k + group].tolist()))]
+            expected = [e + weight * b for e, b in zip(expected, _norm(bonuses[name][k:k + group].tolist()))]
         assert torch.allclose(got[k:k + group], torch.tensor(expected), atol=1e-5), k
-    args.normalise_terms = False  # off: one normalisation of the summed reward, as before
-    summed = [x for k in range(0, n, group) for x in norm(r.reward[k:k + group].tolist())]
-    assert torch.allclose(rl.advantages(run, r)[:, 0], torch.tensor(summed), atol=1e-5)
+    args.normalise_terms = False  # off: the outcome normalised, each bonus centred in its group and added
+    for k in range(0, n, group):
+        expected = _norm(correct[k:k + group].tolist())
+        for bonus in bonuses.values():
+            part = bonus[k:k + group].tolist()
+            expected = [e + b - sum(part) / group for e, b in zip(expected, part)]
+        assert torch.allclose(rl.advantages(run, r)[k:k + group, 0], torch.tensor(expected), atol=1e-5), k
 
 
-def test_bonus_shift_is_the_change_of_the_normalised_advantages():
-    """A bonus shared by every correct response of a group moves no advantage (CLIPO's typical
-    bonus: -lambda log(other correct responses)); one that differs among them does, by hand."""
-    args = types.SimpleNamespace(normalise_terms=False, no_scale_adv=False, group_size=4)
-    run = types.SimpleNamespace(args=args)
-    correct = torch.tensor([1.0, 1.0, 0.0, 0.0])
+def test_a_flat_group_keeps_a_credit_at_its_own_size():
+    """Every rollout of the group solved and their credits differ by 0.02: the advantages differ
+    by 0.02 (the bonus centred, added after the outcome's normalisation), not by a full unit as
+    when the bonus joined the reward before a normalisation by the group's tiny spread."""
+    args = types.SimpleNamespace(normalise_terms=False, no_scale_adv=False, format_reward=0.0, group_size=4)
+    run = types.SimpleNamespace(args=args, device=torch.device("cpu"))
+    bonus = torch.tensor([0.0, -0.02, 0.0, 0.0])
+    r = types.SimpleNamespace(correct=torch.ones(4), formatted=torch.ones(4), bonuses={"oracle": bonus},
+                              step_rewards=torch.zeros(4, 3))
+    got = rl.advantages(run, r)[:, 0]
+    assert torch.allclose(got, torch.tensor([0.005, -0.015, 0.005, 0.005]), atol=1e-6)
+    assert max(abs(x) for x in _norm((1 + bonus).tolist())) > 1  # what the reward before normalisation gave
 
-    def shift(bonus):
-        r = types.SimpleNamespace(bonuses={"clipo": bonus}, reward=correct + bonus)
-        return rl.bonus_shifts(run, r)["clipo/adv_shift"]
-    assert shift(torch.tensor([-0.14, -0.14, 0.0, 0.0])) == pytest.approx(0.0, abs=1e-6)
-    # rewards 1.1, 0.9, 0, 0: mean 0.5, unbiased std sqrt((0.36 + 0.16 + 0.25 + 0.25) / 3)
-    std = math.sqrt((0.6 ** 2 + 0.4 ** 2 + 0.5 ** 2 + 0.5 ** 2) / 3)
-    with_bonus = [0.6 / std, 0.4 / std, -0.5 / std, -0.5 / std]
-    without = [0.5 / math.sqrt(1 / 3), 0.5 / math.sqrt(1 / 3), -0.5 / math.sqrt(1 / 3), -0.5 / math.sqrt(1 / 3)]
-    expected = sum(abs(a - b) for a, b in zip(with_bonus, without)) / 4
-    assert shift(torch.tensor([0.1, -0.1, 0.0, 0.0])) == pytest.approx(expected, rel=1e-4)
+
+def test_term_shifts_by_hand_per_group_kind():
+    """A term's part of every token's advantage: its centred bonus plus the rewards-to-go of its
+    own step rewards, averaged over the response tokens of each kind of group."""
+    args = types.SimpleNamespace(normalise_terms=False, no_scale_adv=False, group_size=2)
+    run = types.SimpleNamespace(args=args, device=torch.device("cpu"))
+    response = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    steps = torch.zeros(6, 3)
+    steps[4, 1] = -0.5  # a charge on the second token of a solved rollout: its first two tokens carry it
+    r = types.SimpleNamespace(correct=torch.tensor([1.0, 0, 1, 1, 0, 0]), response=response,
+                              bonuses={"clipo": torch.tensor([0.1, -0.1, 0.2, 0.0, 0.0, 0.0])},
+                              term_steps={"oracle": steps}, lengths=[2, 3, 1, 2, 3, 3])
+    r.correct[4] = 1.0  # groups: mixed (rows 0-1), solved (2-3), mixed (4-5)
+    shifts = rl.term_shifts(run, r)
+    # clipo: |0.1| x 2 tokens + |-0.1| x 3, then |0.1| x 1 + |-0.1| x 2, then 0
+    assert shifts["clipo/adv_shift"] == (pytest.approx(0.5 + 0.3), "tokens")
+    assert shifts["clipo/adv_shift_solved"] == (pytest.approx(0.3), "tokens_solved")
+    assert shifts["clipo/adv_shift_mixed"] == (pytest.approx(0.5), "tokens_mixed")
+    assert shifts["oracle/adv_shift"] == (pytest.approx(1.0), "tokens")
+    assert shifts["oracle/adv_shift_failed"] == (0.0, "tokens_failed")
 
 
 def _last_row(out):

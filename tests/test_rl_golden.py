@@ -53,7 +53,7 @@ def _written_states(text):
 def _metrics(setup, name, flags, monkeypatch):
     out = setup / name.replace(" ", "-").replace("+", "-")
     monkeypatch.setattr(answers, "extract_states", _written_states)
-    monkeypatch.setattr(rewards, "legal_states", lambda problem, text, states: [True] * len(states))
+    monkeypatch.setattr(rewards, "legal_states", lambda lines, states: [True] * len(states))
     argv = [*flags, "--model", setup / "model", "--critic", setup / "critic.safetensors", "--out", out, "--steps", 3,
             "--prompts-per-step", 4, "--group-size", 4, "--max-new-tokens", 40, "--eval-every", 3,
             "--eval-problems", 4, "--lr", "1e-3", "--seed", 5, "--procs", 1,

@@ -336,7 +336,7 @@ def test_oversampled_run_trains_on_fewer_flat_groups(setup):
     result = _in_process(setup, setup / "oversampled", 2, "--oversample", "1.0")
     assert result.returncode == 0, result.stderr[-2000:]
     for row in _metrics(setup / "oversampled")[1:]:
-        assert row["zero_adv_frac"] <= row["sampled_zero_adv_frac"]
+        assert row["zero_adv_frac"] <= row["sampled_flat_frac"]
 
 
 COMPILED = f"""

@@ -228,21 +228,27 @@ def read_args(run_dir):
         return json.load(f)
 
 
-def record_args(run_dir, flags, step):
-    """A new run writes args.json; a resumed one leaves it as it is and appends the flags that
-    changed since (e.g. --steps) to args_history.jsonl, with the step they apply from."""
-    first = read_args(run_dir)
-    if first is None:
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(flags, f, indent=1)
-        return
+def current_args(run_dir):
+    """The flags a run has now: args.json with every change args_history.jsonl recorded, or None."""
+    current = read_args(run_dir)
     history = os.path.join(run_dir, "args_history.jsonl")
-    current = dict(first)
-    if os.path.exists(history):
+    if current is not None and os.path.exists(history):
         with open(history) as f:
             for line in f:
                 if line.strip():
                     current.update(json.loads(line)["changed"])
+    return current
+
+
+def record_args(run_dir, flags, step):
+    """A new run writes args.json; a resumed one leaves it as it is and appends the flags that
+    changed since (e.g. --steps) to args_history.jsonl, with the step they apply from."""
+    current = current_args(run_dir)
+    if current is None:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(flags, f, indent=1)
+        return
+    history = os.path.join(run_dir, "args_history.jsonl")
     changed = {k: v for k, v in flags.items() if k != "resume" and current.get(k) != v}
     if changed:
         with open(history, "a") as f:

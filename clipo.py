@@ -86,12 +86,11 @@ def contrastive_reward(loss, valid, *, lam=0.2, floor=-0.5):
 
 @torch.no_grad()
 def cosine_stats(z, correct, group_size):
-    """Mean cosine between two correct responses of a group, and between a correct and an
-    incorrect one (0-dim tensors; NaN-free: 0 when there is no such pair)."""
+    """(sum, count) of the cosines between two correct responses of a group, and of those
+    between a correct and an incorrect one (0-dim tensors)."""
     zg, _, positive, negative = _groups(z, correct, group_size)
     cos = zg @ zg.transpose(1, 2)
-    return ((cos * positive).sum() / positive.sum().clamp(min=1),
-            (cos * negative).sum() / negative.sum().clamp(min=1))
+    return ((cos * positive).sum(), positive.sum()), ((cos * negative).sum(), negative.sum())
 
 
 class ClipoModule:
@@ -126,9 +125,9 @@ class ClipoModule:
             self.optimizer.step()
         bonus = contrastive_reward(loss.detach(), valid, lam=self.lam, floor=self.floor)
         positive, negative = cosine_stats(z.detach(), correct, group_size)
-        local = valid.sum().clamp(min=1)
-        return bonus, {"valid_frac": valid.float().mean(), "bonus_mean": bonus.sum() / local,
-                       "head_loss": (loss.detach() * valid).sum() / local, "pos_cos": positive, "neg_cos": negative}
+        anchors = valid.sum().float()  # each stat a (sum, count): the caller divides the sums over every process
+        return bonus, {"valid_frac": (anchors, torch.tensor(float(len(valid)))), "bonus_mean": (bonus.sum(), anchors),
+                       "head_loss": ((loss.detach() * valid).sum(), anchors), "pos_cos": positive, "neg_cos": negative}
 
     def state_dict(self):
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}

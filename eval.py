@@ -65,6 +65,17 @@ def paired_difference(a, b, z=Z95):
     return mean, mean - z * sd / math.sqrt(len(d)), mean + z * sd / math.sqrt(len(d))
 
 
+def clustered_difference(pairs, z=Z95):
+    """B - A over seeds that scored the same problems in the same order, [(a, b)] per seed:
+    (mean difference, lo, hi), a normal interval clustered by problem (each problem's difference
+    averaged over the seeds first), since one problem's outcomes under two seeds are not
+    independent draws (a pooled interval over the (problem, seed) pairs is up to ~1.2x narrower)."""
+    if len({len(a) for a, _ in pairs} | {len(b) for _, b in pairs}) != 1:
+        raise ValueError("a clustered comparison needs the same problems under every seed")
+    per_problem = [sum(b[k] - a[k] for a, b in pairs) / len(pairs) for k in range(len(pairs[0][0]))]
+    return paired_difference([0.0] * len(per_problem), per_problem, z)
+
+
 def seed_interval(values):
     """(mean, lo, hi): a 95% t interval over seeds (a single seed: no interval)."""
     mean = sum(values) / len(values)

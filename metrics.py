@@ -45,7 +45,8 @@ LOOP = {  # the loop's keys (train.py, sft.py, rl.py); the reward terms add thei
                    "(--clipo-warmup)",
     "entropy": "mean token entropy of the sampling distribution (at --temperature) over the rollouts",
     "response_length_mean": "mean rollout length (tokens)", "response_length_max": "longest rollout (tokens)",
-    "tokens_per_s": "sampled tokens per second (all ranks)",
+    "tokens_per_s": "sampled tokens per second of sampling (all ranks, every round, kept or not)",
+    "kept_tokens_per_s": "the tokens of the kept rollouts per second of sampling (all ranks)",
     "time_sample": "seconds sampling", "time_reward": "seconds scoring (decode, verify, the mode's reward terms)",
     "time_train": "seconds in forward/backward passes (the old-log-prob pass and the updates)",
     "time_update": "of those, seconds in the updates (RL); every time_* waits for the device first",
@@ -92,6 +93,16 @@ class StepMetrics:
     def mean(self, name, total, per):
         """Log `name` = the sum of `total` over processes / the sum of the count `per` (at least 1)."""
         self.sums[name], self.per[name] = float(total), per
+
+    def term(self, name, value):
+        """A reward term's metric: a number is averaged over processes; a (sum, count) pair is
+        the sum over processes divided by the count's (a ratio of global sums: processes whose
+        counts differ weigh by them)."""
+        if isinstance(value, tuple):
+            self.count(f"{name} count", value[1])
+            self.mean(name, value[0], f"{name} count")
+        else:
+            self.mean(name, value, "processes")
 
     def std(self, name, values, per):
         """Log `name` = the standard deviation of `values` (a tensor) over every process's `per`."""

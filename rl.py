@@ -105,8 +105,7 @@ def draw_problems(run, step, round_):
     drawn = per_rank + math.ceil(args.oversample * per_rank)
     # round 0 keeps the seed it had before rounds existed: a run without refills is unchanged
     rng = random.Random(seed_for(args.seed, "prompts", step, *(("round", round_) if round_ else ())))
-    return [countdown.random_problem(rng, exclude=run.exclude, **countdown.PRESETS[args.preset])
-            for _ in range(drawn * run.world)][run.rank * drawn:(run.rank + 1) * drawn]
+    return [run.problems.draw(rng) for _ in range(drawn * run.world)][run.rank * drawn:(run.rank + 1) * drawn]
 
 
 def sample_round(run, step, round_):
@@ -149,8 +148,9 @@ def roll_out(run, step, keep):
     `keep` prompts; rounds go on (at most --max-sample-rounds) until `keep` groups have signal
     (rewards that differ: the outcome, or what a reward term pays, so a group whose rollouts all
     solved but whose credits differ is kept), and the groups with signal come first (DAPO's
-    dynamic sampling: a group of equal rewards has zero advantage). Returns the Rollouts, the
-    sampled groups' flatness by the whole reward and by the outcome alone, and the rounds used."""
+    dynamic sampling: a group of equal rewards has zero advantage). Returns the Rollouts and
+    what was sampled: each group's flatness by the whole reward ("flat") and by the outcome
+    alone ("flat_outcome"), the rounds used, and every sampled token (kept or not)."""
     args, group = run.args, run.args.group_size
     run.refresh_rollout_model()  # with --bf16, a bf16 copy of the current weights: no autocast needed
     pooled = {}
@@ -172,7 +172,8 @@ def roll_out(run, step, keep):
     r = Rollouts(problems=[pooled["problems"][g] for g in chosen for _ in range(group)], tokens=tokens,
                  texts=[pooled["texts"][i] for i in rows], ids=ids, attention=attention, response=response, start=start,
                  finished=[pooled["finished"][i] for i in rows], sampler_logp=sampler_logp.to(run.device))
-    return r, (flat, pooled["flat_outcome"]), round_ + 1
+    return r, {"flat": flat, "flat_outcome": pooled["flat_outcome"], "rounds": round_ + 1,
+               "tokens": sum(len(t) for t in pooled["tokens"])}
 
 
 def old_pass(run, r, pooled):
@@ -383,14 +384,15 @@ def rl_step(run, step):
     args, m = run.args, StepMetrics(run.device)
     # 1-2. prompts and rollouts: this process's slice of each round's global list, G samples each
     with m.seconds("time_sample"):
-        r, (sampled_flat, sampled_flat_outcome), rounds = roll_out(run, step, keep=args.prompts_per_step // run.world)
+        r, sampled = roll_out(run, step, keep=args.prompts_per_step // run.world)
     m.count("rollouts", len(r.tokens))
     m.count("groups", len(r.tokens) / args.group_size)
     m.count("tokens", r.response.sum().item())
-    m.count("sampled_groups", len(sampled_flat))  # refilling draws a number of its own on each process
-    m.mean("sampled_flat_frac", sum(sampled_flat), "sampled_groups")
-    m.mean("sampled_flat_outcome_frac", sum(sampled_flat_outcome), "sampled_groups")
-    m.mean("sample_rounds", rounds, "processes")
+    m.count("sampled_groups", len(sampled["flat"]))  # refilling draws a number of its own on each process
+    m.count("sampled_tokens", sampled["tokens"])
+    m.mean("sampled_flat_frac", sum(sampled["flat"]), "sampled_groups")
+    m.mean("sampled_flat_outcome_frac", sum(sampled["flat_outcome"]), "sampled_groups")
+    m.mean("sample_rounds", sampled["rounds"], "processes")
     m.mean("response_length_mean", sum(r.lengths), "rollouts")
     m.most("response_length_max", max(r.lengths))
     m.mean("truncated_frac", len(r.tokens) - sum(r.finished), "rollouts")
@@ -402,7 +404,7 @@ def rl_step(run, step):
     with m.seconds("time_reward"):
         # 4. rewards
         for name, value in score(run, r, step).items():
-            m.mean(name, value, "processes")
+            m.term(name, value)
         # 5. advantages, and the tokens the loss reads (--mask-truncated: none of a rollout cut by the
         # budget; its reward still counts in its group's mean and std, as DAPO's overlong filtering does)
         r.advantages = advantages(run, r)
@@ -429,5 +431,6 @@ def rl_step(run, step):
         m.mean(name, value, "processes")
     run.rollouts = r
     row, totals = m.reduce(run.world)
-    row["tokens_per_s"] = totals["response_length_mean"] / max(row["time_sample"], 1e-9)  # all ranks' tokens
+    row["tokens_per_s"] = totals["sampled_tokens"] / max(row["time_sample"], 1e-9)  # all ranks' tokens, every round
+    row["kept_tokens_per_s"] = totals["tokens"] / max(row["time_sample"], 1e-9)
     return row

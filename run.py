@@ -9,7 +9,7 @@ forward.TokenLogProbs, wrapped by DDP (several processes), or sharded with FSDP2
 decoder layer and the root, bf16 compute with --bf16, fp32 sharded weights and AdamW state).
 Rollouts and evaluation sample from `rollout_model`: the policy itself, or a full copy (bf16
 with --bf16; always under --fsdp, whose policy is sharded) refreshed before each rollout phase.
-Imports: checkpoint, countdown, distributed, eval, forward, model, rewards, torch.
+Imports: checkpoint, distributed, eval, forward, model, problems, rewards, torch.
 """
 import argparse
 import copy
@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import countdown
 import forward
 import rewards
 from checkpoint import check_model_dir, latest_checkpoint, load_state, save_checkpoint
 from distributed import full_state, load_optimizer_state, shard
 from eval import default_max_new_tokens, default_style
 from model import TinyTokenizer, decoder_layers, eos_token_ids, load_model, load_tokenizer, new_tiny_model
+from problems import training_problems
 
 DEFAULT_MODEL = os.path.join("runs", "tiny-sft")  # the warm start's run directory
 
@@ -63,8 +63,8 @@ class Run:
     """rollout and evaluation budget"""
     eos: list
     """token ids that end a response (the tokenizer's and the model's generation config's)"""
-    exclude: frozenset
-    """problem keys training never draws (held-out stream, LongProc's test split)"""
+    problems: object
+    """where training problems come from and which the held-out evaluations read (problems.Problems)"""
     bf16: bool
     """--bf16: bf16 autocast in training forwards (CPU and CUDA), bf16 rollouts"""
     shared_prompt_rows: int = None
@@ -136,7 +136,7 @@ def build_run(args, rank, world, device):
     run = Run(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, model=model,
               train_model=train_model, rollout_model=rollout_model, optimizer=optimizer, terms={},
               style=args.prompt, max_new_tokens=args.max_new_tokens or default_max_new_tokens(args.prompt),
-              eos=eos_token_ids(model, tokenizer), exclude=countdown.never_train_on(args.preset), bf16=args.bf16,
+              eos=eos_token_ids(model, tokenizer), problems=training_problems(args, write_to=args.out if rank == 0 else None), bf16=args.bf16,
               shared_prompt_rows=None if args.no_shared_prompt or not forward.can_share_prompts(model)
               else args.group_size)
     if args.kl_coef > 0 and args.mode != "sft":  # the frozen reference exists only when it is used

@@ -33,14 +33,14 @@ def demonstration(tokenizer, problem, style, skip, cut, rng):
 
 
 @functools.lru_cache(maxsize=1)  # a pool serves 4 consecutive steps
-def sft_pool(seed, preset, style, skip, cut, per_rank, pool_index, rank, tokenizer, exclude):
+def sft_pool(seed, source, style, skip, cut, per_rank, pool_index, rank, tokenizer):
     """Four batches of this rank's SFT examples (prompt ids, completion ids), sorted by length so
     each batch pads little; a pure function of (seed, pool_index, rank)."""
     rng = random.Random(seed_for(seed, "sft", pool_index, rank))
     trace_style = "compact" if style == "bare" else "longproc"
     pool = []
     for k in range(4 * per_rank):
-        p = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS[preset])
+        p = source.draw(rng)
         # the skips draw from a stream of their own: the next problem never depends on this search
         skips = random.Random(seed_for(seed, "skip", pool_index, rank, k))
         pool.append((encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc"),
@@ -55,8 +55,8 @@ def sft_step(run, step):
     """One supervised step on this rank's slice of the batch: cross-entropy of the completions."""
     args = run.args
     pool_index, part = divmod(step, 4)
-    batch = sft_pool(args.seed, args.preset, run.style, args.skip, args.cut or 2 * run.max_new_tokens,
-                     args.batch_size // run.world, pool_index, run.rank, run.tokenizer, run.exclude)[part]
+    batch = sft_pool(args.seed, run.problems, run.style, args.skip, args.cut or 2 * run.max_new_tokens,
+                     args.batch_size // run.world, pool_index, run.rank, run.tokenizer)[part]
     t0 = clock(run.device)
     ids, attention, response, start = forward.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],
                                                          run.tokenizer.pad_token_id, run.device)

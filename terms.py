@@ -208,7 +208,7 @@ class Clipo(RewardTerm):
         generator = torch.Generator(run.device).manual_seed(seed_for(run.args.seed, "clipo", step, run.rank))
         bonus, stats = self.module.step(rollouts.pooled, rollouts.correct.to(run.device), run.args.group_size,
                                         generator, run.world)
-        return (None if step < 0 else bonus.cpu()), None, {k: v.item() for k, v in stats.items()}
+        return (None if step < 0 else bonus.cpu()), None, {k: (s.item(), n.item()) for k, (s, n) in stats.items()}
 
     def state_dict(self):
         return self.module.state_dict()

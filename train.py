@@ -28,12 +28,13 @@ from tqdm import tqdm
 import answers
 import countdown
 import grpo
+import problems as problem_source
 import rewards
 import rl
 import sft
 import terms  # noqa: F401  (registers the built-in reward terms: their modes and flags)
-from checkpoint import (LOGGERS, Mirror, append_metrics, check_model_dir, latest_checkpoint, load_state, missing_logger,
-                        read_args, record_args, truncate_metrics)
+from checkpoint import (LOGGERS, Mirror, append_metrics, check_model_dir, current_args, latest_checkpoint, load_state,
+                        missing_logger, read_args, record_args, truncate_metrics)
 from distributed import StopRequest, all_reduce, cpu_threads, launch, processes, seed_for
 from eval import evaluate, wilson
 from run import DEFAULT_MODEL, build_run, save
@@ -71,6 +72,10 @@ def parser():
                      help="prompt style (default: bare for the tiny model, longproc for a chat model)")
     run.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny",
                      help="problem distribution (countdown.PRESETS): tiny, or longproc (LongProc 0.5k)")
+    run.add_argument("--data", help="train on the problems of this file (LongProc JSON or our JSONL; problems.py) "
+                                    "instead of the preset's stream")
+    run.add_argument("--heldout", type=int, help="keep this many of --data's problems out of training: the held-out "
+                                                 "evaluations read them (default: none; the preset's held-out set)")
     run.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 250 SFT, 25 RL)")
     run.add_argument("--eval-problems", type=int, default=1000, help="held-out problems (greedy) per evaluation")
     run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
@@ -143,6 +148,10 @@ def parse_args(argv=None):
     args = parser().parse_args(argv)
     sft = args.mode == "sft"
     args.out = args.out or (DEFAULT_MODEL if sft else os.path.join("runs", args.mode.replace("+", "-")))
+    if args.resume:  # a flag not given takes the run's value, before any default follows another flag
+        for key, value in (current_args(args.out) or {}).items():  # (--clipo-warmup follows --steps)
+            if getattr(args, key, False) is None:
+                setattr(args, key, value)
     args.steps = args.steps or (1500 if sft else 250)
     args.lr = args.lr or (3e-3 if sft else 1e-4)
     args.eval_every = args.eval_every or (250 if sft else 25)
@@ -198,6 +207,7 @@ def check_args(args, world):
             problems.append(str(e))
     for name, term in rewards.REWARD_TERMS.items():
         problems += term.check(args, name in parts)
+    problems += problem_source.check(args)
     try:  # before any process starts: an unwritable --out fails here, not in a spawned worker
         os.makedirs(args.out, exist_ok=True)
         tempfile.TemporaryFile(dir=args.out).close()
@@ -273,43 +283,50 @@ def warm_start_ready():
 def warm_up_terms(run, args, rank, log, steps):
     """Reward terms that train before the policy (CLIPO's head, --clipo-warmup) get `steps` steps
     of rollouts first, numbered -W..-1 (rl_step updates no policy and adds no bonus there), logged
-    as step 0 rows with "warmup_step"; then a checkpoint at step 0, so a resume never repeats
-    them. A stop asked for during the warm-up is honoured once it is done."""
+    as step 0 rows with "warmup_step"."""
     for k in tqdm(range(steps), desc="warm-up", disable=rank != 0):
         torch.manual_seed(seed_for(args.seed, "torch", k - steps, rank))
         row = {"step": 0, "warmup_step": k + 1, **rl.rl_step(run, k - steps)}
         if rank == 0:
             log(row)
-    save(run, 0, finished=False)
 
 
 def train(args, rank, world, device):
-    """Build the run, then its steps from where it stands; True when stopped (Ctrl-C, SIGTERM)."""
+    """Build the run, then its steps from where it stands; True when stopped (Ctrl-C, SIGTERM).
+    A stop from the first moment on is honoured: one asked for while the run is built, during
+    the step-0 evaluation or a reward term's warm-up is honoured once those are done, with a
+    checkpoint at step 0 (a resume from it repeats none of them); in the loop, after the step."""
     cpu_threads(device)
-    run, start = build_run(args, rank, world, device)
-    heldout = countdown.heldout_problems(args.eval_problems, args.preset)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        truncate_metrics(args.out, start)
-        record_args(args.out, vars(args), start)
-    step_fn = sft.sft_step if args.mode == "sft" else rl.rl_step
-    mirror = Mirror(args.log, args.out, start, vars(args)) if rank == 0 and args.log else None
-
-    def log(row):
-        append_metrics(args.out, row)
-        if mirror:
-            mirror.log(row)
-    if start == 0 and args.mode != "sft":  # where RL starts from: step 0 of the curves
-        row = {"step": 0, **heldout_success(run, heldout, 0)}
+    with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step (or what comes before step 1), save, stop
+        run, start = build_run(args, rank, world, device)
+        heldout = run.problems.heldout
         if rank == 0:
-            log(row)
-    warmup = max((term.warmup_steps(args) for term in run.terms.values()), default=0)
-    if start == 0 and not args.resume and warmup:
-        warm_up_terms(run, args, rank, log, warmup)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode, disable=rank != 0)
-    step, stopping = start, False
-    with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop
-        for step in bar:
+            os.makedirs(args.out, exist_ok=True)
+            truncate_metrics(args.out, start)
+            record_args(args.out, vars(args), start)
+        step_fn = sft.sft_step if args.mode == "sft" else rl.rl_step
+        mirror = Mirror(args.log, args.out, start, vars(args)) if rank == 0 and args.log else None
+
+        def log(row):
+            append_metrics(args.out, row)
+            if mirror:
+                mirror.log(row)
+        stopping = False
+        if start == 0 and not args.resume:  # a resume at step 0 has a checkpoint: what comes first is done
+            if args.mode != "sft":  # where RL starts from: step 0 of the curves
+                row = {"step": 0, **heldout_success(run, heldout, 0)}
+                if rank == 0:
+                    log(row)
+            warmup = max((term.warmup_steps(args) for term in run.terms.values()), default=0)
+            if warmup:
+                warm_up_terms(run, args, rank, log, warmup)
+            stopping = stop.agreed(world)
+            if warmup or stopping:  # so a resume never repeats the warm-up (nor the step-0 evaluation)
+                save(run, 0, finished=False)
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.mode,
+                   disable=rank != 0 or stopping)
+        step = start - 1
+        for step in bar if not stopping else ():
             lr = learning_rate(args, step)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
@@ -329,13 +346,14 @@ def train(args, rank, world, device):
                 save(run, step + 1, finished=done)
             if stopping:
                 break
-    bar.close()
+        bar.close()
     if mirror:
         mirror.close()
     if world > 1:
         dist.barrier()  # the checkpoint is written before any rank reads it (RL after the warm start)
     if rank == 0:
-        print(f"{args.mode}: {step + 1} steps, latest checkpoint in {args.out}")
+        print(f"{args.mode}: {step + 1} steps, latest checkpoint in {args.out}"
+              + (" (stopped: the same command with --resume continues it)" if stopping else ""))
     return stopping
 
 

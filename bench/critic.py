@@ -1,11 +1,14 @@
-"""The critic's held-out AUROC by state size, over seeds, presets and samplers: a markdown table.
+"""The critic's held-out AUROC by state size, over seeds, presets and samplers, and its
+calibration against the oracle on the states the reference search writes: markdown tables.
 
     python bench/critic.py --minutes 10 --seeds 0 1 2                    # README.md#results' critic row (tiny)
     python bench/critic.py --minutes 10 --seeds 0 1 2 --preset longproc
     python bench/critic.py --steps 800 --samplers hindsight trace        # samplers at equal steps
 
 Each run is `critic.train` (what `python critic.py` runs), then `critic.evaluate` on the
-held-out pairs of its preset. Runs go one after another; steps/min is the run's own rate, so
+held-out pairs of its preset, and `critic.calibration_error` (Brier score and ECE per state size)
+on `critic.written_pairs`: every state the reference search writes on 200 held-out problems,
+with its own target, the initial numbers included (the pairs a credit values). Runs go one after another; steps/min is the run's own rate, so
 compare it only between runs of one invocation on an otherwise idle machine.
 Imports: critic, torch.
 """
@@ -36,6 +39,10 @@ def main():
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     head = " | ".join(f"AUROC {k} number{'s' * (k > 1)}" for k in sizes)
     rows = [f"| sampler | seed | steps ({budget}) | steps/min | {head} |", "|---" * (4 + len(sizes)) + "|"]
+    written = critic.written_pairs(200, args.preset)
+    shares = {k: sum(r for *_, r in written[k]) / len(written[k]) for k in written}
+    calibration = ["| sampler | seed | " + " | ".join(f"Brier / ECE {k} ({shares[k]:.0%} reachable)" for k in written)
+                   + " |", "|---" * (2 + len(written)) + "|"]
     for sampler in args.samplers:
         results = []
         for seed in args.seeds:
@@ -45,6 +52,9 @@ def main():
                 os.makedirs(args.save, exist_ok=True)
                 critic.save(model, os.path.join(args.save, f"critic_{args.preset}_{sampler}_{seed}.safetensors"))
             results.append(aurocs)
+            errors = critic.calibration_error(model, written)
+            calibration.append(f"| {sampler} | {seed} | "
+                               + " | ".join(f"{errors[k][0]:.3f} / {errors[k][1]:.3f}" for k in written) + " |")
             steps, minutes = model.trained["steps"], model.trained["seconds"] / 60
             rows.append(f"| {sampler} | {seed} | {steps} | {steps / minutes:.0f} | "
                         + " | ".join(f"{aurocs[k]:.3f}" for k in sizes) + " |")
@@ -56,6 +66,8 @@ def main():
     print(f"\n{args.preset} preset, held-out pairs per size: "
           + ", ".join(f"{k} numbers {len(pairs[k])}" for k in sizes) + "\n")
     print("\n".join(rows))
+    print("\nCalibration against the oracle, written states with their own target (200 held-out problems):\n")
+    print("\n".join(calibration))
 
 
 if __name__ == "__main__":

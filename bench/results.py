@@ -5,9 +5,10 @@
 
 A page holds a table as `<!-- table NAME -->`, the rendered lines, `<!-- /table -->`; NAME is
 `<kind>-<place>`: kind one of TABLES, place a folder of results/ (`cpu`, `h200`). Every figure in
-such a block comes from the records; a cell without a record for every seed of its row is left
-out of the row's mean and says which seeds it has. Intervals are 95%: t over seeds (none for one
-seed), and, in brackets after it, a normal interval over the problems of all seeds pooled.
+such a block comes from the records; a row missing some seeds' records is averaged over the
+seeds it has and says which. Intervals are 95%: t over seeds (none for one seed), and, in
+brackets after it, a normal interval over the problems, clustered by problem (each problem's
+difference averaged over the seeds first: eval.clustered_difference).
 """
 import json
 import os
@@ -16,7 +17,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from eval import paired_difference, seed_interval  # noqa: E402
+from eval import clustered_difference, paired_difference, seed_interval  # noqa: E402
 from runner import warm_place  # noqa: E402  (bench/ is on sys.path when runner.py or the tests import this)
 
 RESULTS = os.path.join(ROOT, "results")
@@ -59,11 +60,12 @@ def interval(lo, hi, signed=True):
 
 
 def over_seeds(pairs):
-    """Paired differences b - a for {seed: (a_bits, b_bits)}: 'mean [t over seeds] [pooled over problems]'."""
+    """Paired differences b - a for {seed: (a_bits, b_bits)}: 'mean [t over seeds] [over problems,
+    clustered by problem]'."""
     per_seed = [paired_difference(a, b)[0] for a, b in pairs.values()]
     mean, lo, hi = seed_interval(per_seed)
-    pooled = paired_difference([x for a, _ in pairs.values() for x in a], [x for _, b in pairs.values() for x in b])
-    return f"{pct(mean, True)}{interval(lo, hi)}{interval(pooled[1], pooled[2])}"
+    clustered = clustered_difference(list(pairs.values()))
+    return f"{pct(mean, True)}{interval(lo, hi)}{interval(clustered[1], clustered[2])}"
 
 
 def seeds_of(row):
@@ -155,7 +157,7 @@ CREDITS = ["oracle-prune-rounds4", "clipo-rounds4"]  # dense credit (the oracle'
 def credits(found):
     """Dense credit and CLIPO beside the default GRPO cell, from the same warm starts: held-out
     success at the end per seed, the mean, the paired difference to the default's end [t over
-    seeds] [problems pooled], greedy guesses at the end, the OOD gain over the warm start."""
+    seeds] [problems, clustered], greedy guesses at the end, the OOD gain over the warm start."""
     base = found.get(DEFAULT_CELL, {})
     seeds = sorted(base)
     lines = ["| cell | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean [t] (its seeds) | vs {DEFAULT_CELL} [t] "

@@ -196,6 +196,13 @@ def write_record(where, cell, seed, device, cmd, seconds, beside):
     os.replace(tmp, record_path(where, cell, seed))
 
 
+def default_signals():
+    """In the child, before train.py starts: SIGTERM and SIGINT as a new process has them (an
+    ignored signal is inherited, and train.py's handlers come only once it builds the run)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_cell(args):
     """`runner.py cell`: one cell in a process of its own: train.py (resumed if it stopped), then,
     once it finished, the record (the OOD evaluation loads the model: the runner stays light).
@@ -212,7 +219,7 @@ def run_cell(args):
             with open(os.path.join(out, "seconds.json")) as f:
                 before = json.load(f)["seconds"]
     began = time.time()
-    code = subprocess.call(cmd, cwd=ROOT)
+    code = subprocess.call(cmd, cwd=ROOT, preexec_fn=default_signals)  # train.py hears the stops this ignores
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "seconds.json"), "w") as f:
         json.dump({"seconds": before + time.time() - began}, f)

@@ -104,3 +104,33 @@ def test_normalise_terms_with_the_prune_credit_is_refused(setup):
     """Every unsolved rollout holds prune's top bonus (0): normalised apart it would pay failing."""
     _one_line_error(_train(setup, setup / "prune-normalised", 2, "--normalise-terms", "--critic-credit", "prune",
                            mode="oracle"), "--normalise-terms with --critic-credit prune")
+
+
+def test_bad_problem_files_are_one_line_before_any_model_loads(setup):
+    """--data: a missing, empty or unparsable file, a problem outside the preset, a duplicate that
+    a split could put on both sides, a preset held-out problem trained on, --heldout without a
+    file or too large: each one line, and no run directory left behind."""
+    import random
+    import countdown
+    rng = random.Random(5)
+    good = list({countdown.random_problem(rng, exclude=countdown.never_train_on("tiny"), **countdown.PRESETS["tiny"])
+                 for _ in range(6)})
+    lines = [json.dumps({"nums": list(p.nums), "target": p.target}) for p in good]
+    heldout = countdown.heldout_problems(1, "tiny")[0]
+    files = {"empty.jsonl": "", "broken.jsonl": "{nums", "wide.jsonl": '{"nums": [1, 2, 3, 40], "target": 20}\n',
+             "twice.jsonl": "\n".join(lines + lines[:1]) + "\n", "mine.jsonl": "\n".join(lines) + "\n",
+             "leak.jsonl": "\n".join(lines + [json.dumps({"nums": list(heldout.nums), "target": heldout.target})]) + "\n"}
+    for name, text in files.items():
+        (setup / name).write_text(text)
+    cases = [(("--data", setup / "absent.jsonl"), "cannot read problems"),
+             (("--data", setup / "empty.jsonl"), "holds no problems"),
+             (("--data", setup / "broken.jsonl"), "not JSON or JSONL"),
+             (("--data", setup / "wide.jsonl"), "does not fit --preset tiny"),
+             (("--data", setup / "twice.jsonl", "--heldout", "2"), "a held-out split needs distinct problems"),
+             (("--data", setup / "leak.jsonl"), "is a held-out problem of the preset"),
+             (("--heldout", "2"), "--heldout splits the problems of --data"),
+             (("--data", setup / "mine.jsonl", "--heldout", str(len(good))), f"--heldout {len(good)}: between 1 and")]
+    for k, (flags, fragment) in enumerate(cases):
+        out = setup / f"data-{k}"
+        _one_line_error(_train(setup, out, 2, *flags), fragment)
+        assert not (out / "metrics.jsonl").exists()

@@ -118,7 +118,13 @@ def test_reward_and_head():
     assert z.dtype == torch.float32 and torch.allclose(z.norm(dim=-1), torch.ones(3))
     mean0 = hidden[0, 1:3].float().mean(0)
     assert torch.allclose(z[0], torch.nn.functional.normalize(head.proj(mean0), dim=0), atol=1e-6)
-    pos, neg = cosine_stats(_z(), CORRECT, G)
-    assert -1 <= neg <= 1 and -1 <= pos <= 1
+    z, pairs = _z(), {True: [], False: []}  # cosine sums and counts against a loop over ordered pairs
+    for g in range(0, len(CORRECT), G):
+        for i in range(g, g + G):
+            for j in range(g, g + G):
+                if i != j and CORRECT[i]:
+                    pairs[bool(CORRECT[j])].append(float(z[i] @ z[j]))
+    for (total, count), cosines in zip(cosine_stats(z, CORRECT, G), (pairs[True], pairs[False])):
+        assert count.item() == len(cosines) and total.item() == pytest.approx(sum(cosines))
     with pytest.raises(ValueError):
         contrastive_loss(_z(n=10), torch.ones(10), G)

@@ -1,5 +1,6 @@
 """eval.py: metric arithmetic on planted completions, the command line's errors, the plot."""
 import json
+import math
 
 import pytest
 
@@ -103,3 +104,18 @@ def test_two_models_print_a_paired_difference(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "success_rate [95% Wilson] | 0.0% [0.0, 43.4]" in out.stdout  # 0 of 5: Wilson's upper end
     assert f"{tmp_path / 'b'} - {tmp_path / 'a'}: +0.0 points, paired 95% interval [+0.0, +0.0] (5 problems)" in out.stdout
+
+
+def test_the_interval_over_problems_is_clustered_by_problem():
+    """Two seeds on the same 4 problems: each problem's difference is averaged over the seeds
+    first (1, 0, 0.5, 0 here), by hand; the pooled interval over the 8 pairs is narrower."""
+    a1, b1, a2, b2 = [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1], [1, 0, 0, 1]
+    mean, lo, hi = evaluation.clustered_difference([(a1, b1), (a2, b2)])
+    d = [1.0, 0.0, 0.5, 0.0]
+    m = sum(d) / 4
+    half = evaluation.Z95 * math.sqrt(sum((x - m) ** 2 for x in d) / 3) / 2
+    assert (mean, lo, hi) == pytest.approx((m, m - half, m + half))
+    pooled = evaluation.paired_difference(a1 + a2, b1 + b2)
+    assert pooled[0] == pytest.approx(mean) and pooled[2] - pooled[1] < hi - lo
+    with pytest.raises(ValueError):
+        evaluation.clustered_difference([(a1, b1), (a2[:3], b2[:3])])

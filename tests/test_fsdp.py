@@ -19,7 +19,7 @@ from tests.qwen_like import save_qwen_like
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-TIMING = {"time_sample", "time_reward", "time_train", "time_update", "tokens_per_s"}
+TIMING = {"time_sample", "time_reward", "time_train", "time_update", "tokens_per_s", "kept_tokens_per_s"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 RUNNER = os.path.join(ROOT, "tests", "pseudo_outcome.py")  # train.py with a pseudo-random outcome
 BYTES = os.path.join(ROOT, "tests", "fsdp_bytes.py")

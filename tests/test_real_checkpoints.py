@@ -58,7 +58,7 @@ def _layer_forwards_in_update(run):
     """Calls of the decoder layers' MLPs during rl.update: a recomputed layer calls its MLP again
     (a pre-hook: torch stops a recompute as soon as the saved tensors it needs exist, before the
     MLP returns)."""
-    r, _, _ = rl.roll_out(run, 0, keep=2)
+    r, _ = rl.roll_out(run, 0, keep=2)
     rl.old_pass(run, r, pooled=False)
     rl.score(run, r, 0)
     r.advantages = torch.randn(r.response.shape, generator=torch.Generator().manual_seed(0))
@@ -85,7 +85,7 @@ def test_no_forward_asks_for_every_layer_or_every_position(tiny, tmp_path):
     run.model.lm_head.register_forward_hook(lambda m, inputs, out: seen.append(tuple(inputs[0].shape)))
     run.model.model.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs.get("output_hidden_states")), with_kwargs=True)
-    r, _, _ = rl.roll_out(run, 0, keep=1)
+    r, _ = rl.roll_out(run, 0, keep=1)
     # sampling: one position per row ([rows, 1, hidden] from the model's forward, [rows, hidden] from our step)
     assert seen and not [s for s in seen if isinstance(s, tuple) and len(s) == 3 and s[1] != 1]
     seen.clear()

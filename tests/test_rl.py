@@ -26,7 +26,7 @@ def _run(tiny, out, *flags):
 
 
 def _rollouts(run, step=0):
-    r, _, _ = rl.roll_out(run, step, keep=run.args.prompts_per_step)
+    r, _ = rl.roll_out(run, step, keep=run.args.prompts_per_step)
     rl.old_pass(run, r, pooled=False)
     return r
 
@@ -71,7 +71,8 @@ def test_sampling_rounds_go_on_until_enough_groups_have_signal(tiny, monkeypatch
     run = _run(tiny, "rounds", "--max-sample-rounds", "4", "--prompts-per-step", "8")
     checked = set()
     for step in range(6):
-        r, (sampled_flat, _), rounds = rl.roll_out(run, step, keep=8)
+        r, sampled = rl.roll_out(run, step, keep=8)
+        rounds, sampled_flat = sampled["rounds"], sampled["flat"]
         drawn = [rl.sample_round(run, step, k) for k in range(4)]
         signal = [sum(not f for f in d["flat"]) for d in drawn]
         expected = next((k + 1 for k in range(4) if sum(signal[:k + 1]) >= 8), 4)
@@ -183,3 +184,18 @@ def test_top_k_reaches_the_sampler(tiny):
                                   "--procs", 1, "--top-k", "1"], outcome=pseudo_outcome.verify)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _last_row(out)["zero_adv_frac"] == 1.0
+
+
+def test_a_term_s_ratio_is_a_ratio_of_global_sums(monkeypatch):
+    """Two processes whose counts differ: a (sum, count) metric is the sums' ratio over both (2
+    of 16 and 50 of 64 anchors: 52 / 80), not the mean of their ratios (0.45); a plain number
+    is averaged over the processes. The collective is simulated by adding the two processes' sums."""
+    import metrics
+    first, second = metrics.StepMetrics(torch.device("cpu")), metrics.StepMetrics(torch.device("cpu"))
+    for m, (anchors, rows, loss) in ((first, (2, 16, 0.5)), (second, (50, 64, 0.1))):
+        m.term("clipo/valid_frac", (anchors, rows))
+        m.term("critic/online_loss", loss)
+    monkeypatch.setattr(metrics, "all_reduce", lambda sums, world, op="sum": {k: first.sums[k] + second.sums[k]
+                                                                              for k in first.sums})
+    row, _ = first.reduce(2)
+    assert row["clipo/valid_frac"] == pytest.approx(52 / 80) and row["critic/online_loss"] == pytest.approx(0.3)

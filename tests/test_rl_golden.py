@@ -27,7 +27,7 @@ from model import TinyTokenizer, new_tiny_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "data", "rl_golden.json")
-TIMING = {"time_sample", "time_reward", "time_train", "time_update", "tokens_per_s"}
+TIMING = {"time_sample", "time_reward", "time_train", "time_update", "tokens_per_s", "kept_tokens_per_s"}
 RUNS = {
     "clipo+critic": ["--mode", "clipo+critic", "--clipo-warmup", "1"],
     "clipo+oracle process": ["--mode", "clipo+oracle", "--critic-credit", "process", "--clipo-warmup", "1"],

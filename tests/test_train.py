@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,15 +17,17 @@ from safetensors.torch import load_file
 import checkpoint
 import cli
 import answers
+import countdown
 import critic
 import metrics
+import problems as problem_source
 import pseudo_outcome
 import rewards
 import train
 from model import TinyTokenizer, new_tiny_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = {"time_sample", "time_reward", "time_train", "time_update", "tokens_per_s"}
+TIMING = {"time_sample", "time_reward", "time_train", "time_update", "tokens_per_s", "kept_tokens_per_s"}
 
 RUNNER = os.path.join(ROOT, "tests", "pseudo_outcome.py")  # train.py with a pseudo-random outcome
 
@@ -274,23 +277,24 @@ def test_a_stateful_reward_term_added_in_one_file_is_checkpointed_and_resumed_ex
     assert all(torch.equal(a, b) for a, b in zip(_weights(out).values(), _weights(setup / "toy-whole").values()))
     state = torch.load(os.path.join(_latest(out), "trainer_state.pt"), weights_only=True)
     assert state["modules"]["toy"]["seen"].item() == 64.0
-    for row in rows[1:]:  # the bonus joined each rollout's reward before the group normalisation
+    for row in rows[1:]:  # the bonus joined each rollout's reward (its spread the advantages)
         assert row["reward_mean"] > row["success_rate"]
 
 
 class StopAfterTwoSteps:
-    """train.StopRequest as a Ctrl-C during step 2 makes it: the loop stops after that step."""
+    """train.StopRequest as a Ctrl-C during step 2 makes it: the loop stops after that step (the
+    first question comes before step 1, after the step-0 evaluation)."""
 
     def __enter__(self):
-        self.steps = 0
+        self.asked = 0
         return self
 
     def __exit__(self, *exc):
         return False
 
     def agreed(self, world):
-        self.steps += 1
-        return self.steps == 2
+        self.asked += 1
+        return self.asked == 3
 
 
 def _help():
@@ -385,3 +389,98 @@ def test_clipo_warms_its_head_up_before_the_policy_s_steps(setup):
     assert train.parse_args(["--mode", "grpo"]).clipo_warmup == 0
     refused = _in_process(setup, setup / "clipo-normalised", 2, "--normalise-terms", mode="clipo")
     assert refused.returncode != 0 and "--normalise-terms with clipo" in refused.stderr.strip().splitlines()[-1]
+
+
+def _stop_once(real):
+    """`real`, which the first time it is called first asks this process to stop (Ctrl-C)."""
+    asked = []
+
+    def stopping(*args, **kwargs):
+        if not asked:
+            asked.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    return stopping
+
+
+@pytest.mark.parametrize("during", ["the step-0 evaluation", "the warm-up"])
+def test_a_stop_before_step_1_keeps_a_checkpoint_and_resumes_exactly(setup, monkeypatch, during):
+    """Ctrl-C during the step-0 evaluation or CLIPO's head warm-up: the run finishes them, saves
+    step 0 and says so (it raised before, leaving a directory neither a rerun nor --resume took);
+    --resume then ends where an unbroken run ends, repeating neither."""
+    extra = ("--clipo-warmup", "2")
+    full = setup / "before-full"
+    if not (full / "metrics.jsonl").exists():
+        assert _in_process(setup, full, 2, *extra, mode="clipo").returncode == 0
+    out = setup / f"before-{during.split()[-1]}"
+    if during == "the warm-up":
+        monkeypatch.setattr(train.rl, "rl_step", _stop_once(train.rl.rl_step))
+    else:
+        monkeypatch.setattr(train, "heldout_success", _stop_once(train.heldout_success))
+    stopped = _in_process(setup, out, 2, *extra, mode="clipo")
+    assert stopped.returncode == 0 and "Ctrl-C" in stopped.stderr, stopped.stderr[-2000:]
+    assert "0 steps" in stopped.stdout and "--resume continues it" in stopped.stdout
+    assert torch.load(os.path.join(_latest(out), "trainer_state.pt"), weights_only=True)["step"] == 0
+    monkeypatch.undo()
+    again = _in_process(setup, out, 2, *extra, "--resume", mode="clipo")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [_untimed(r) for r in _metrics(out)] == [_untimed(r) for r in _metrics(full)]
+    wa, wb = _weights(out), _weights(full)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_clipo_warmup_is_fixed_when_the_run_starts(tmp_path):
+    """Its default follows --steps (a tenth); a resume with other --steps, or none, keeps the
+    run's (it was refused: '--clipo-warmup 3 differs from the run's 2')."""
+    out = str(tmp_path / "clipo")
+    first = train.parse_args(["--mode", "clipo", "--steps", "20", "--out", out])
+    os.makedirs(out)
+    checkpoint.record_args(out, vars(first), 0)
+    for steps in (["--steps", "30"], []):
+        resumed = train.parse_args(["--mode", "clipo", "--out", out, "--resume", *steps])
+        assert resumed.clipo_warmup == 2 and not train.resume_mismatches(resumed)
+    assert train.parse_args(["--mode", "clipo", "--out", out, "--resume"]).steps == 20
+    checkpoint.record_args(out, {**vars(first), "steps": 40}, 10)  # a resume that changed --steps
+    assert train.parse_args(["--mode", "clipo", "--out", out, "--resume"]).steps == 40
+
+
+def _problem_file(path, count, seed):
+    rng = random.Random(seed)
+    exclude = countdown.never_train_on("tiny")
+    found = {}
+    while len(found) < count:
+        p = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS["tiny"])
+        found[countdown.problem_key(*p)] = p
+    path.write_text("".join(json.dumps({"nums": list(p.nums), "target": p.target}) + "\n" for p in found.values()))
+    return list(found.values())
+
+
+def test_training_on_a_file_never_draws_its_held_out_split_and_resumes_exactly(setup, monkeypatch):
+    """--data FILE --heldout 6: SFT and GRPO draw only the file's other problems (every draw
+    recorded, across a stop and its resume), the evaluations read the split (split.json), and
+    the resumed GRPO run equals an unbroken one."""
+    data = setup / "mine.jsonl"
+    problems = _problem_file(data, 24, seed=11)
+    drawn = []
+    real = problem_source.Problems.draw
+    monkeypatch.setattr(problem_source.Problems, "draw", lambda self, rng: drawn.append(real(self, rng)) or drawn[-1])
+    flags = ("--data", data, "--heldout", "6")
+    sft_run = _in_process(setup, setup / "data-sft", 3, *flags, "--batch-size", "4", mode="sft")
+    assert sft_run.returncode == 0, sft_run.stderr[-2000:]
+    whole = _in_process(setup, setup / "data-whole", 4, *flags)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = setup / "data-broken"
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "StopRequest", StopAfterTwoSteps)
+        assert _in_process(setup, out, 4, *flags).returncode == 0
+    assert _metrics(out)[-1]["step"] == 2
+    again = _in_process(setup, out, 4, *flags, "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [_untimed(r) for r in _metrics(out)] == [_untimed(r) for r in _metrics(setup / "data-whole")]
+    split = json.loads((out / "split.json").read_text())
+    held = {countdown.problem_key(nums, target) for nums, target in split["heldout"]}
+    assert len(held) == 6 and split["train"] == 18 and held <= {countdown.problem_key(*p) for p in problems}
+    assert drawn and not {countdown.problem_key(*p) for p in drawn} & held
+    first_four = [tuple(nums) for nums, _ in split["heldout"][:4]]  # --eval-problems 4: the split's first four
+    shown = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()][0]["answers"]
+    assert [tuple(a["nums"]) for a in shown] == first_four

@@ -64,7 +64,7 @@ def parser():
     run.add_argument("--out", help=f"run directory (default: runs/<mode>; SFT {DEFAULT_MODEL})")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--seed", type=int, default=0, help="every random draw is a function of (seed, step, rank)")
-    run.add_argument("--steps", type=int, help="optimizer steps (default: 1500 SFT, 250 RL)")
+    run.add_argument("--steps", type=int, help="optimizer steps (default: 2500 SFT, 250 RL)")
     run.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 SFT, 1e-4 RL)")
     run.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine to 10%%")
     run.add_argument("--grad-clip", type=float, default=1.0, help="gradients are clipped to this global norm")
@@ -76,7 +76,7 @@ def parser():
                                     "instead of the preset's stream")
     run.add_argument("--heldout", type=int, help="keep this many of --data's problems out of training: the held-out "
                                                  "evaluations read them (default: none; the preset's held-out set)")
-    run.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 250 SFT, 25 RL)")
+    run.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 500 SFT, 25 RL)")
     run.add_argument("--eval-problems", type=int, default=1000, help="held-out problems (greedy) per evaluation")
     run.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     run.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
@@ -85,7 +85,9 @@ def parser():
     run.add_argument("--log-rollouts-every", type=int,
                      help="steps between groups of rollouts written to rollouts.jsonl (default: --eval-every)")
     sft_flags = ap.add_argument_group("SFT")
-    sft_flags.add_argument("--batch-size", type=int, default=32, help="sequences per step (global)")
+    sft_flags.add_argument("--batch-size", type=int, default=16,
+                           help="sequences per step (global; 16: the learning transition comes after about as many "
+                                "steps as at 32, each half the cost: docs/testbed.md#the-warm-start)")
     sft_flags.add_argument("--skip", type=float, default=0.1,
                            help="each written move of a demonstration is passed over with this probability, blind "
                                 "to the target (countdown.search_trace); 0: the reference search, every move")
@@ -152,9 +154,9 @@ def parse_args(argv=None):
         for key, value in (current_args(args.out) or {}).items():  # (--clipo-warmup follows --steps)
             if getattr(args, key, False) is None:
                 setattr(args, key, value)
-    args.steps = args.steps or (1500 if sft else 250)
+    args.steps = args.steps or (2500 if sft else 250)
     args.lr = args.lr or (3e-3 if sft else 1e-4)
-    args.eval_every = args.eval_every or (250 if sft else 25)
+    args.eval_every = args.eval_every or (500 if sft else 25)
     args.log_rollouts_every = args.log_rollouts_every or args.eval_every
     parts = args.mode.split("+")
     for name, term in rewards.REWARD_TERMS.items():

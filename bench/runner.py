@@ -88,6 +88,7 @@ PLANS = {  # cells in priority order, each for every seed of the plan
                 "grpo-rounds4-g16", "grpo-rounds4-t12", "grpo-rounds4-kl", "grpo-rounds4-lr2", "oracle-prune-rounds4",
                 "grpo-rounds4-500", "oracle-prune", "clipo-rounds4"], SEEDS),
     "warm3000": (["warm3000", "grpo-rounds1-w3000", "grpo-rounds4-w3000", "sft-alone-4464", "sft-every-4464"], SEEDS),
+    "warm5": (["warm"], (0, 1, 2, 3, 4)),  # the SFT default (batch 16, 2,500 steps) on five seeds
 }
 
 

@@ -133,7 +133,9 @@ def pad_states(states, device="cpu"):
 
 
 def save(critic, path):
-    save_file(critic.state_dict(), path, metadata={"config": json.dumps(critic.config)})
+    """Write atomically: two runs that both trained a missing critic never leave half a file."""
+    save_file(critic.state_dict(), path + ".tmp", metadata={"config": json.dumps(critic.config)})
+    os.replace(path + ".tmp", path)
 
 
 def check_file(path):

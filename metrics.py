@@ -12,7 +12,7 @@ adds its metrics to where it computes them.
 A mean divides the sum over processes of what each added by the sum of its count: rollouts,
 response tokens, groups, or processes (a per-process value, averaged). docs/metrics.md's table is
 `python metrics.py --write`; tests/test_docs.py fails when the page differs from docs().
-Imports: answers, rewards (each term's metrics), distributed, torch.
+Imports: answers, countdown, rewards (each term's metrics), distributed, torch.
 """
 import argparse
 import math
@@ -21,6 +21,7 @@ import re
 from contextlib import contextmanager
 
 import answers
+import countdown
 import rewards
 from distributed import all_reduce, clock
 
@@ -132,6 +133,34 @@ class StepMetrics:
         if self.largest:
             row.update(zip(self.largest, all_reduce(list(self.largest.values()), world, "max")))
         return {**row, **self.times}, totals
+
+
+# ---------------------------------------------------------------------------------------------
+# What the policy wrote: the step's search counts, and a group a person can read (rollouts.jsonl)
+
+def readable_group(run, r, step):
+    """The step's first group, for a person to read (rollouts.jsonl): the prompt once, then each
+    response with its reward, the mode's terms' bonuses, whether it verified, its length and
+    what became of it (answers.failure)."""
+    group, p = run.args.group_size, r.problems[0]
+    return {"step": step, "kind": "rollouts", "nums": list(p.nums), "target": p.target,
+            "prompt": countdown.prompt(p, run.style),
+            "responses": [{"text": r.texts[i], "reward": round(r.reward[i].item(), 4),
+                           "terms": {name: round(bonus[i].item(), 4) for name, bonus in r.bonuses.items()},
+                           "verified": bool(r.correct[i]), "length": len(r.tokens[i]),
+                           "failure": answers.failure(p.nums, p.target, r.texts[i], r.finished[i])}
+                          for i in range(group)]}
+
+
+def search_sums(r):
+    """What the rollouts' searches wrote, summed over this process's rollouts: each of
+    answers.SEARCH_COUNTS as "search/<name>", and "search/solved_with_errors" (rollouts that
+    verify with a process error in their search)."""
+    counts = [answers.search_counts(p.nums, p.target, text) for p, text in zip(r.problems, r.texts)]
+    sums = {f"search/{key}": float(sum(c[key] for c in counts)) for key in answers.SEARCH_COUNTS}
+    sums["search/solved_with_errors"] = float(sum(bool(ok) and c["process_errors"] > 0
+                                                  for ok, c in zip(r.correct.tolist(), counts)))
+    return sums
 
 
 # ---------------------------------------------------------------------------------------------

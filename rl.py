@@ -34,7 +34,7 @@ import forward
 import grpo
 import rewards
 from distributed import all_reduce, gradient_sync, seed_for
-from metrics import StepMetrics
+from metrics import StepMetrics, search_sums
 from model import encode_prompt
 from sample import sample
 
@@ -284,31 +284,6 @@ def update_minibatch(run, r, chunks, variant, num_tokens, num_sequences, sums):
         sums += torch.stack([loss.detach(), stats["approx_kl"] * weight, stats["clip_frac"] * weight, kl_ref * weight])
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
     run.optimizer.step()
-
-
-def readable_group(run, r, step):
-    """The step's first group, for a person to read (rollouts.jsonl): the prompt once, then each
-    response with its reward, the mode's terms' bonuses, whether it verified, its length and
-    what became of it (answers.failure)."""
-    group, p = run.args.group_size, r.problems[0]
-    return {"step": step, "kind": "rollouts", "nums": list(p.nums), "target": p.target,
-            "prompt": countdown.prompt(p, run.style),
-            "responses": [{"text": r.texts[i], "reward": round(r.reward[i].item(), 4),
-                           "terms": {name: round(bonus[i].item(), 4) for name, bonus in r.bonuses.items()},
-                           "verified": bool(r.correct[i]), "length": len(r.tokens[i]),
-                           "failure": answers.failure(p.nums, p.target, r.texts[i], r.finished[i])}
-                          for i in range(group)]}
-
-
-def search_sums(r):
-    """What the rollouts' searches wrote, summed over this process's rollouts: each of
-    answers.SEARCH_COUNTS as "search/<name>", and "search/solved_with_errors" (rollouts that
-    verify with a process error in their search)."""
-    counts = [answers.search_counts(p.nums, p.target, text) for p, text in zip(r.problems, r.texts)]
-    sums = {f"search/{key}": float(sum(c[key] for c in counts)) for key in answers.SEARCH_COUNTS}
-    sums["search/solved_with_errors"] = float(sum(bool(ok) and c["process_errors"] > 0
-                                                  for ok, c in zip(r.correct.tolist(), counts)))
-    return sums
 
 
 def bonus_advantages(run, r):

@@ -37,6 +37,7 @@ from checkpoint import (LOGGERS, Mirror, append_metrics, check_model_dir, curren
                         missing_logger, read_args, record_args, truncate_metrics)
 from distributed import StopRequest, all_reduce, cpu_threads, launch, processes, seed_for
 from eval import evaluate, wilson
+from metrics import readable_group
 from run import DEFAULT_MODEL, build_run, save
 
 
@@ -73,7 +74,7 @@ def parser():
     run.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny",
                      help="problem distribution (countdown.PRESETS): tiny, or longproc (LongProc 0.5k)")
     run.add_argument("--data", help="train on the problems of this file (LongProc JSON or our JSONL; problems.py) "
-                                    "instead of the preset's stream")
+                                    "(default: the preset's stream)")
     run.add_argument("--heldout", type=int, help="keep this many of --data's problems out of training: the held-out "
                                                  "evaluations read them (default: none; the preset's held-out set)")
     run.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: 500 SFT, 25 RL)")
@@ -211,8 +212,9 @@ def check_args(args, world):
         problems += term.check(args, name in parts)
     problems += problem_source.check(args)
     try:  # before any process starts: an unwritable --out fails here, not in a spawned worker
-        os.makedirs(args.out, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out).close()
+        if not problems:  # (a refused run leaves no directory behind)
+            os.makedirs(args.out, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.out).close()
     except OSError as e:
         problems.append(f"--out {args.out}: cannot write there ({e.strerror or e})")
     if problems:
@@ -341,7 +343,7 @@ def train(args, rank, world, device):
             if rank == 0:
                 log(row)
                 if run.rollouts is not None and (step + 1) % args.log_rollouts_every == 0:
-                    append_metrics(args.out, rl.readable_group(run, run.rollouts, step + 1), "rollouts.jsonl")
+                    append_metrics(args.out, readable_group(run, run.rollouts, step + 1), "rollouts.jsonl")
                 bar.set_postfix({k: round(row[k], 3) for k in ("loss", "reward_mean", "success_rate",
                                                               "heldout/success_rate") if k in row})
             if (step + 1) % args.save_every == 0 or done or stopping:

@@ -151,17 +151,23 @@ def changed(found):
     return "\n".join(lines)
 
 
-CREDITS = ["oracle-prune-rounds4", "clipo-rounds4"]  # dense credit (the oracle's prune credit), CLIPO: RL defaults
+CREDITS = ["oracle-prune-rounds4", "oracle-steps05", "oracle-steps1", "critic-steps05", "critic-steps1",
+           "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps1-rounds1", "grpo-rounds4-g16",
+           "clipo-g16", "clipo-rounds4"]  # bench/runner.py's plan credits (oracle-prune-rounds4: the earlier cell)
 
 
 def credits(found):
     """Dense credit and CLIPO beside the default GRPO cell, from the same warm starts: held-out
     success at the end per seed, the mean, the paired difference to the default's end [t over
-    seeds] [problems, clustered], greedy guesses at the end, the OOD gain over the warm start."""
+    seeds] [problems, clustered], greedy guesses, process errors and dead / live subtrees passed
+    over per answer at the end, the OOD gain over the warm start, and how much the cell's term
+    moved the advantages per token over its last 25 steps (<term>/adv_shift; its critic's
+    3-number AUROC where it has one)."""
     base = found.get(DEFAULT_CELL, {})
     seeds = sorted(base)
     lines = ["| cell | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean [t] (its seeds) | vs {DEFAULT_CELL} [t] "
-             "[problems] (paired) | guesses (its seeds) | OOD gain [t] [problems] |", "|---|" + "---|" * (len(seeds) + 4)]
+             "[problems] (paired) | guesses (its seeds) | process errors | passed over: dead / live | OOD gain [t] "
+             "[problems] | adv shift (AUROC 3) |", "|---|" + "---|" * (len(seeds) + 7)]
     for cell in [DEFAULT_CELL, *CREDITS]:
         row = {s: r for s, r in found.get(cell, {}).items() if s in base}
         if not row:
@@ -175,12 +181,46 @@ def credits(found):
         warm = found.get(row[mine[0]].get("warm_cell") or "warm", {})
         ood = over_seeds({s: (bits(warm[s]["ood"]["solved"]), bits(row[s]["ood"]["solved"]))
                           for s in mine}) if all(s in warm for s in mine) else "—"
+        def end(key):
+            return sum(row[s]["heldout_end"][key] for s in mine) / len(mine)
+        shifts = [v for s in mine for k, v in row[s]["rollouts_last25"].items() if k.endswith("/adv_shift")]
+        aurocs = [row[s]["critic_auroc"]["3"] for s in mine if "critic_auroc" in row[s]]
+        shift = (f"{sum(shifts) / len(shifts):.3f}" if shifts else "—") + (
+            f" ({sum(aurocs) / len(aurocs):.3f})" if aurocs else "")
         lines.append(f"| {cell} | {' | '.join(per)} | {pct(mean[0])}{interval(mean[1], mean[2], False)} | {versus} | "
-                     f"{pct(guesses)}% | {ood} |")
+                     f"{pct(guesses)}% | {end('process_errors'):.2f} | {end('skipped_dead'):.2f} / "
+                     f"{end('skipped_live'):.2f} | {ood} | {shift} |")
     return "\n".join(lines)
 
 
-TABLES = {"robust": robust, "testbed": testbed, "changed": changed, "credits": credits}
+def warm(found):
+    """The SFT default's warm starts: per seed the held-out curve, the end with its interval over
+    problems, greedy guesses and answers out of tokens at the end, minutes (and how many runs
+    shared the machine); then the mean over seeds [t] [over problems, clustered]."""
+    row = found.get("warm", {})
+    seeds = sorted(row)
+    if not seeds:
+        return "(no records yet)"
+    steps = sorted({int(k) for s in seeds for k in row[s]["curve"]})
+    lines = ["| seed | " + " | ".join(f"step {k:,}" for k in steps) + " | end [problems] | guesses | out of tokens "
+             "| minutes (runs side by side) |", "|---" * (len(steps) + 5) + "|"]
+    for s in seeds:
+        r, end = row[s], bits(row[s]["solved_end"])
+        _, lo, hi = paired_difference([0] * len(end), end)
+        lines.append(f"| {s} | " + " | ".join(pct(r["curve"].get(str(k), float("nan"))) for k in steps)
+                     + f" | {pct(rate(r['solved_end']))}{interval(lo, hi, False)} | {pct(r['heldout_end']['failed_guess'])}% "
+                     f"| {pct(r['heldout_end']['failed_out_of_tokens'])}% | {r['minutes']:.1f} ({r['runs_beside']}) |")
+    mean = seed_interval([rate(row[s]["solved_end"]) for s in seeds])
+    clustered = clustered_difference([([0] * len(row[s]["solved_end"]), bits(row[s]["solved_end"])) for s in seeds])
+    lines.append(f"| mean [t] [problems] | " + " | ".join(
+        pct(sum(row[s]["curve"].get(str(k), 0.0) for s in seeds) / len(seeds)) for k in steps)
+        + f" | {pct(mean[0])}{interval(mean[1], mean[2], False)}{interval(clustered[1], clustered[2], False)} | "
+        f"{pct(sum(row[s]['heldout_end']['failed_guess'] for s in seeds) / len(seeds))}% | "
+        f"{pct(sum(row[s]['heldout_end']['failed_out_of_tokens'] for s in seeds) / len(seeds))}% | |")
+    return "\n".join(lines)
+
+
+TABLES = {"robust": robust, "testbed": testbed, "changed": changed, "credits": credits, "warm": warm}
 
 
 def render(name):

@@ -48,6 +48,7 @@ sys.path.append(os.path.join(ROOT, "bench"))  # after the project: bench/countdo
 STORE = ROOT  # results/ and runs/cells/ go under this folder (--store; the project's own by default)
 OOD_PRESET = "tiny-wide"  # as many problems as the cell's held-out evaluation (1,000 by default)
 SEEDS = (0, 1, 2)
+CRITIC = "{critic}"  # in a cell's flags: the critic of its seed, beside its warm start (command())
 # Cells: name -> (train.py flags beyond --seed/--model/--out). "warm" is every RL cell's start.
 CELLS = {
     "warm": ["--mode", "sft"],
@@ -75,6 +76,21 @@ CELLS = {
     "grpo-rounds4-w3000": ["--mode", "grpo", "--max-sample-rounds", "4"],
     "sft-alone-4464": ["--mode", "sft", "--steps", "4464", "--eval-every", "500"],
     "sft-every-4464": ["--mode", "sft", "--steps", "4464", "--eval-every", "500", "--skip", "0"],
+    # the credits table (docs/testbed.md#dense-credit-that-reaches-the-policy): per-token dead-end charges of
+    # the oracle and of a critic trained per seed (CRITIC: runs/cells/<place>/s<seed>/critic.safetensors,
+    # trained by the first cell that needs it), the critic online from scratch and from the offline one,
+    # one sampling round (where a credit is the only signal of a flat group), CLIPO at 16 and 8 rollouts
+    "oracle-steps05": ["--mode", "oracle", "--critic-credit", "prune-steps", "--critic-coef", "0.5"],
+    "oracle-steps1": ["--mode", "oracle", "--critic-credit", "prune-steps", "--critic-coef", "1.0"],
+    "critic-steps05": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "0.5", "--critic", CRITIC],
+    "critic-steps1": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "1.0", "--critic", CRITIC],
+    "critic-online-scratch": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "1.0",
+                              "--critic", "scratch", "--critic-online"],
+    "critic-online": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "1.0", "--critic", CRITIC,
+                      "--critic-online"],
+    "oracle-steps1-rounds1": ["--mode", "oracle", "--critic-credit", "prune-steps", "--critic-coef", "1.0",
+                              "--max-sample-rounds", "1"],
+    "clipo-g16": ["--mode", "clipo", "--group-size", "16", "--prompts-per-step", "8"],
     # the dry run's cells: the pipeline's shape in ~2 minutes of 2 CPU cores
     "smoke-warm": ["--mode", "sft", "--steps", "30", "--eval-every", "30", "--eval-problems", "50"],
     "smoke-grpo": ["--mode", "grpo", "--steps", "3", "--eval-every", "3", "--eval-problems", "50",
@@ -89,6 +105,9 @@ PLANS = {  # cells in priority order, each for every seed of the plan
                 "grpo-rounds4-500", "oracle-prune", "clipo-rounds4"], SEEDS),
     "warm3000": (["warm3000", "grpo-rounds1-w3000", "grpo-rounds4-w3000", "sft-alone-4464", "sft-every-4464"], SEEDS),
     "warm5": (["warm"], (0, 1, 2, 3, 4)),  # the SFT default (batch 16, 2,500 steps) on five seeds
+    "credits": (["warm", "grpo-rounds4", "oracle-steps05", "oracle-steps1", "critic-steps05", "critic-steps1",
+                 "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps1-rounds1", "grpo-rounds4-g16",
+                 "clipo-g16", "clipo-rounds4"], SEEDS),
 }
 
 
@@ -124,8 +143,13 @@ def warm_model(where, cell, seed):
     return os.path.join(folder, max(os.listdir(folder)))
 
 
+def critic_path(where, seed):
+    return os.path.join(STORE, "runs", "cells", warm_place(where), f"s{seed}", "critic.safetensors")
+
+
 def command(where, cell, seed, alone):
-    flags = [*CELLS[cell], "--seed", str(seed), "--out", run_dir(where, cell, seed)]
+    flags = [critic_path(where, seed) if flag == CRITIC else flag for flag in CELLS[cell]]
+    flags += ["--seed", str(seed), "--out", run_dir(where, cell, seed)]
     if is_rl(cell):
         flags += ["--model", warm_model(where, cell, seed)]
     if not alone:
@@ -190,6 +214,12 @@ def write_record(where, cell, seed, device, cmd, seconds, beside):
                             if k not in ("step", "lr") and all(k in r for r in sampled)} if sampled else {},
         "ood": {"preset": OOD_PRESET, "solved": "".join(str(int(s)) for s in ood["solved"])},
     }
+    if CRITIC in CELLS[cell] or "critic" in read_args(out)["mode"].split("+"):  # the critic's AUROC vs the oracle
+        logged = {k.split("_")[-1]: v for k, v in evals[-1].items() if k.startswith("critic/auroc_")}  # online
+        if not logged:
+            import critic
+            logged = {str(k): v for k, v in critic.evaluate(critic.load(critic_path(where, seed))).items()}
+        record["critic_auroc"] = logged
     os.makedirs(os.path.dirname(record_path(where, cell, seed)), exist_ok=True)
     tmp = record_path(where, cell, seed) + ".tmp"
     with open(tmp, "w") as f:
@@ -220,6 +250,10 @@ def run_cell(args):
             with open(os.path.join(out, "seconds.json")) as f:
                 before = json.load(f)["seconds"]
     began = time.time()
+    if CRITIC in CELLS[args.cell] and not os.path.exists(critic_path(args.where, args.seed)):
+        import critic  # the first cell of a seed that needs it trains the seed's critic (critic.py's 5 minutes)
+        os.makedirs(os.path.dirname(critic_path(args.where, args.seed)), exist_ok=True)
+        critic.save(critic.train(minutes=5.0, seed=args.seed, progress=False), critic_path(args.where, args.seed))
     code = subprocess.call(cmd, cwd=ROOT, preexec_fn=default_signals)  # train.py hears the stops this ignores
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "seconds.json"), "w") as f:

@@ -134,8 +134,9 @@ def pad_states(states, device="cpu"):
 
 def save(critic, path):
     """Write atomically: two runs that both trained a missing critic never leave half a file."""
-    save_file(critic.state_dict(), path + ".tmp", metadata={"config": json.dumps(critic.config)})
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.tmp"
+    save_file(critic.state_dict(), tmp, metadata={"config": json.dumps(critic.config)})
+    os.replace(tmp, path)
 
 
 def check_file(path):

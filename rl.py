@@ -7,13 +7,14 @@ rl_step(run, step) fills one `Rollouts`, in six stages numbered as in the code:
  1. prompts: the same global list on every process, each takes its slice (a group never spans
     processes), one sampling generator per prompt (a rollout does not depend on where it is drawn);
  2. rollouts: G samples per prompt (sample.py), decoded, in rounds until enough groups carry
-    signal (--oversample, --max-sample-rounds), then packed into [N, T] rows with the sampler's
-    log-probs;
+    signal in the outcome or a term's credit (--oversample, --max-sample-rounds), then packed
+    into [N, T] rows with the sampler's log-probs;
  3. old pass: one no-grad forward for the old log-probs at the sampling temperature, entropies,
     the reference's log-probs (--kl-coef) and the pooled hidden states a reward term asks for;
  4. rewards: outcome 1 (+ --format-reward, 0 by default), plus each reward term of the mode;
- 5. advantages: group-normalised rewards (--normalise-terms: each term apart), plus the
-    rewards-to-go of the terms' step rewards; --mask-truncated takes cut rollouts out of the loss;
+ 5. advantages: the group-normalised outcome, each term's bonus centred in its group after it
+    (--normalise-terms: each normalised apart), plus the rewards-to-go of the terms' step
+    rewards; --mask-truncated takes cut rollouts out of the loss;
  6. update: --ppo-epochs x --minibatches clipped updates (--entropy-coef, --tis-cap).
 Forwards run in micro-batches of rows sorted by length, each cut to its longest row: rollouts
 that hit the token limit no longer pad everyone else. A group's rows stay in one micro-batch so

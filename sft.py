@@ -1,6 +1,6 @@
 """The SFT warm start: a model learns the written searches of generated problems.
 
-    python train.py --mode sft                      # the built-in tiny model, from scratch (~18 min, 2 cores)
+    python train.py --mode sft                      # the built-in tiny model, from scratch (2,500 steps of 16)
     python train.py --mode sft --skip 0 --out runs/sft-every-move    # the noiseless demonstrator
     python train.py --mode sft --seed 1 --out runs/sft-seed1
 

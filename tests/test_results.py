@@ -25,10 +25,11 @@ def test_every_table_block_has_records():
                 assert body.count("\n") >= 3, f"{page}: table {name} renders no row (no records?)"
 
 
-def record(cell, seed, start, end, ood="0000", **heldout):
+def record(cell, seed, start, end, ood="0000", rollouts_last25=None, **heldout):
     counts = {key: 0.0 for key, _ in results.CHANGES}
     return {"cell": cell, "seed": seed, "solved_start": start, "solved_end": end, "minutes": 2.0,
-            "heldout_start": counts, "heldout_end": {**counts, **heldout}, "ood": {"solved": ood}}
+            "heldout_start": counts, "heldout_end": {**counts, **heldout}, "ood": {"solved": ood},
+            "rollouts_last25": rollouts_last25 or {}}
 
 
 @pytest.fixture
@@ -70,7 +71,8 @@ def test_credits_table_against_a_hand_computation(tmp_path, monkeypatch):
     folder.mkdir()
     records = [record("warm", 0, "0000", "1000", ood="0000"), record("warm", 1, "0000", "1000", ood="1000"),
                record("grpo-rounds4", 0, "1000", "1100", ood="1000"), record("grpo-rounds4", 1, "1000", "1110"),
-               record("clipo-rounds4", 0, "1000", "1111", ood="1100", failed_guess=0.5)]
+               record("clipo-rounds4", 0, "1000", "1111", ood="1100", failed_guess=0.5, process_errors=0.25,
+                      skipped_dead=1.5, skipped_live=0.125, rollouts_last25={"clipo/adv_shift": 0.125})]
     for r in records:
         (folder / f"{r['cell']}-s{r['seed']}.json").write_text(json.dumps(r))
     monkeypatch.setattr(results, "RESULTS", str(tmp_path))
@@ -78,7 +80,8 @@ def test_credits_table_against_a_hand_computation(tmp_path, monkeypatch):
     assert grpo[1:3] == ["50.0", "75.0"] and grpo[3].startswith("62.5 [") and grpo[4] == "—"
     assert clipo[1:3] == ["100.0", "—"] and clipo[3] == "100.0"  # one seed: no t interval
     assert clipo[4].startswith("+50.0 [")  # 1100 -> 1111, paired over the 4 problems
-    assert clipo[5] == "50.0%" and clipo[6].startswith("+50.0")  # OOD: 0000 -> 1100
+    assert clipo[5:8] == ["50.0%", "0.25", "1.50 / 0.12"] and clipo[8].startswith("+50.0")  # OOD: 0000 -> 1100
+    assert clipo[9] == "0.125 |" and grpo[9] == "— |"  # the term's shift of the advantages
 
 
 def test_a_page_that_differs_from_its_render_is_found(fake_results, tmp_path, monkeypatch):
@@ -124,3 +127,18 @@ def test_minutes_stop_a_cell_that_a_later_run_resumes(tmp_path, monkeypatch):
     runner.main(["--store", str(tmp_path), "run", "stop", "--minutes", "0.5"])
     assert not os.path.exists(runner.record_path("cpu", "smoke-stop", 0))
     assert os.path.exists(os.path.join(runner.run_dir("cpu", "smoke-stop", 0), "latest"))
+
+
+def test_a_cell_s_train_py_hears_the_stops_its_runner_ignores():
+    """run_cell ignores SIGTERM and SIGINT (it outlives train.py to write the record); its child
+    inherited that, so a --minutes stop during the step-0 evaluation or a warm-up was dropped.
+    With runner.default_signals the child starts with both as a new process has them."""
+    import subprocess
+    probe = "import signal; print(*(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT)))"
+    parent = ("import signal, subprocess, sys; sys.path.insert(0, sys.argv[1]); import runner; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN); "
+              f"subprocess.call([sys.executable, '-c', {probe!r}]); "
+              f"subprocess.call([sys.executable, '-c', {probe!r}], preexec_fn=runner.default_signals)")
+    out = subprocess.run([sys.executable, "-c", parent, os.path.join(ROOT, "bench")], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT).stdout.splitlines()
+    assert out == ["True True", "False False"], out  # ignored as inherited; then heard

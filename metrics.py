@@ -32,9 +32,9 @@ LOOP = {  # the loop's keys (train.py, sft.py, rl.py); the reward terms add thei
     "format_rate": "fraction of rollouts with a parsable <Solution> block",
     "guess_rate": "fraction of rollouts with a <Solution> block after a search that never hit the target",
     "adv_std": "std of the advantages",
-    "zero_adv_frac": "fraction of the kept groups whose rewards (outcome, format and bonuses) are all equal",
-    "sampled_flat_frac": "fraction of all sampled groups (every round, every process) without signal in the reward "
-                         "refilling reads: the outcome plus what each term pays (RewardTerm.signal)",
+    "zero_adv_frac": "fraction of the kept groups whose every token's advantage is 0 (no signal of any kind)",
+    "sampled_flat_frac": "fraction of all sampled groups (every round, every process) without signal: equal "
+                         "outcomes and equal pay from each term (RewardTerm.signal); what refilling reads",
     "sampled_flat_outcome_frac": "fraction of all sampled groups whose outcomes are all equal",
     "sample_rounds": "rounds of rollouts the step drew (--max-sample-rounds; mean over processes)",
     "truncated_frac": "fraction of rollouts cut by the token budget (--mask-truncated takes them out of the loss)",

@@ -129,19 +129,21 @@ def sample_round(run, step, round_):
     rows = [p for p in problems for _ in range(group)]
     correct, formatted = rewards.outcome(rows, texts)
     outcome = correct + args.format_reward * formatted
-    total = outcome.clone()
-    for term in run.terms.values():
-        paid = term.signal(run, rows, texts, correct)
-        if paid is not None:
-            total = total + paid
+    paid = [p for p in (term.signal(run, rows, texts, correct) for term in run.terms.values()) if p is not None]
     return {"problems": problems, "prompts": prompts, "tokens": sampled.tokens, "logprobs": sampled.logprobs,
-            "finished": sampled.finished, "texts": texts, "flat": _flat(total, group), "flat_outcome": _flat(outcome, group)}
+            "finished": sampled.finished, "texts": texts, "flat": flat_groups([outcome, *paid], group),
+            "flat_outcome": flat_groups([outcome], group)}
 
 
-def _flat(values, group):
-    """Per group of `group` consecutive values: are they all equal?"""
-    grouped = values.view(-1, group)
-    return (grouped.amax(1) == grouped.amin(1)).tolist()
+def flat_groups(parts, group):
+    """Per group of `group` consecutive rows: True when every part ([N] each: the outcome, each
+    term's pay) is equal over its rows. Each part apart, not their sum: a charge can bring a
+    solve's total down to a failure's, and the advantages still read the two apart."""
+    flat = [True] * (len(parts[0]) // group)
+    for values in parts:
+        grouped = values.view(-1, group)
+        flat = [f and same for f, same in zip(flat, (grouped.amax(1) == grouped.amin(1)).tolist())]
+    return flat
 
 
 def roll_out(run, step, keep):
@@ -390,11 +392,11 @@ def rl_step(run, step):
         for name, (total, per) in term_shifts(run, r).items():
             m.mean(name, total, per)
         r.loss_mask = loss_mask(r, args.mask_truncated)
-    grouped = r.reward.view(-1, args.group_size)
     m.mean("reward_mean", r.reward.sum().item(), "rollouts")
     m.mean("success_rate", r.correct.sum().item(), "rollouts")
     m.mean("format_rate", r.formatted.sum().item(), "rollouts")
-    m.mean("zero_adv_frac", (grouped.amax(1) == grouped.amin(1)).sum().item(), "groups")
+    moved = (r.advantages * r.response).abs().amax(1).view(-1, args.group_size).amax(1)
+    m.mean("zero_adv_frac", (moved == 0).sum().item(), "groups")
     m.std("adv_std", r.advantages[:, r.start], "rollouts")  # the first response token's advantage
     m.mean("guess_rate", sum(answers.failure(p.nums, p.target, text, done) == "guess"
                              for p, text, done in zip(r.problems, r.texts, r.finished)), "rollouts")

@@ -151,8 +151,8 @@ def changed(found):
     return "\n".join(lines)
 
 
-CREDITS = ["oracle-prune-rounds4", "oracle-steps05", "oracle-steps1", "critic-steps05", "critic-steps1",
-           "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps1-rounds1", "grpo-rounds4-g16",
+CREDITS = ["oracle-prune-rounds4", "oracle-steps1", "oracle-steps2", "critic-steps1", "critic-steps2",
+           "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps2-rounds1", "grpo-rounds4-g16",
            "clipo-g16", "clipo-rounds4"]  # bench/runner.py's plan credits (oracle-prune-rounds4: the earlier cell)
 
 

@@ -80,15 +80,16 @@ CELLS = {
     # the oracle and of a critic trained per seed (CRITIC: runs/cells/<place>/s<seed>/critic.safetensors,
     # trained by the first cell that needs it), the critic online from scratch and from the offline one,
     # one sampling round (where a credit is the only signal of a flat group), CLIPO at 16 and 8 rollouts
-    "oracle-steps05": ["--mode", "oracle", "--critic-credit", "prune-steps", "--critic-coef", "0.5"],
+    # (coefficients 1 and 2: a 25-step probe at 0.5 moved the advantages by 0.03-0.04 per token)
     "oracle-steps1": ["--mode", "oracle", "--critic-credit", "prune-steps", "--critic-coef", "1.0"],
-    "critic-steps05": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "0.5", "--critic", CRITIC],
+    "oracle-steps2": ["--mode", "oracle", "--critic-credit", "prune-steps", "--critic-coef", "2.0"],
     "critic-steps1": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "1.0", "--critic", CRITIC],
-    "critic-online-scratch": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "1.0",
+    "critic-steps2": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "2.0", "--critic", CRITIC],
+    "critic-online-scratch": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "2.0",
                               "--critic", "scratch", "--critic-online"],
-    "critic-online": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "1.0", "--critic", CRITIC,
+    "critic-online": ["--mode", "critic", "--critic-credit", "prune-steps", "--critic-coef", "2.0", "--critic", CRITIC,
                       "--critic-online"],
-    "oracle-steps1-rounds1": ["--mode", "oracle", "--critic-credit", "prune-steps", "--critic-coef", "1.0",
+    "oracle-steps2-rounds1": ["--mode", "oracle", "--critic-credit", "prune-steps", "--critic-coef", "2.0",
                               "--max-sample-rounds", "1"],
     "clipo-g16": ["--mode", "clipo", "--group-size", "16", "--prompts-per-step", "8"],
     # the dry run's cells: the pipeline's shape in ~2 minutes of 2 CPU cores
@@ -105,8 +106,8 @@ PLANS = {  # cells in priority order, each for every seed of the plan
                 "grpo-rounds4-500", "oracle-prune", "clipo-rounds4"], SEEDS),
     "warm3000": (["warm3000", "grpo-rounds1-w3000", "grpo-rounds4-w3000", "sft-alone-4464", "sft-every-4464"], SEEDS),
     "warm5": (["warm"], (0, 1, 2, 3, 4)),  # the SFT default (batch 16, 2,500 steps) on five seeds
-    "credits": (["warm", "grpo-rounds4", "oracle-steps05", "oracle-steps1", "critic-steps05", "critic-steps1",
-                 "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps1-rounds1", "grpo-rounds4-g16",
+    "credits": (["warm", "grpo-rounds4", "oracle-steps1", "oracle-steps2", "critic-steps1", "critic-steps2",
+                 "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps2-rounds1", "grpo-rounds4-g16",
                  "clipo-g16", "clipo-rounds4"], SEEDS),
 }
 

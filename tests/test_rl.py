@@ -199,3 +199,13 @@ def test_a_term_s_ratio_is_a_ratio_of_global_sums(monkeypatch):
                                                                               for k in first.sums})
     row, _ = first.reduce(2)
     assert row["clipo/valid_frac"] == pytest.approx(52 / 80) and row["critic/online_loss"] == pytest.approx(0.3)
+
+
+def test_a_group_is_flat_only_when_the_outcome_and_every_term_s_pay_are():
+    """Each part apart: a solve charged its full worth (1 - 1 = 0) beside a failure (0) has equal
+    totals but an outcome that differs (signal); an all-solved group whose charges differ has
+    signal too; only equal outcomes and equal pay is flat."""
+    outcome = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    charge = torch.tensor([-1.0, 0.0, -0.2, 0.0, 0.0, 0.0])
+    assert rl.flat_groups([outcome, charge], 2) == [False, False, True]
+    assert rl.flat_groups([outcome + charge], 2) == [True, False, True]  # the sum hid the first group's signal

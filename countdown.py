@@ -468,10 +468,12 @@ LONGPROC_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "
 def never_train_on(preset="tiny"):
     """Keys of the problems no training may see: the first 1,000 of the preset's held-out stream
     and, when it is beside the project, every problem of LongProc's test split."""
-    keys = {problem_key(*p) for p in heldout_problems(1000, preset)}
-    if os.path.exists(LONGPROC_TEST):
-        keys |= {problem_key(*p) for p in load_problems(LONGPROC_TEST)}
-    return frozenset(keys)
+    return frozenset({problem_key(*p) for p in heldout_problems(1000, preset)} | longproc_test_keys())
+
+
+def longproc_test_keys():
+    """Keys of LongProc's test split when it is beside the project (never trained on), else none."""
+    return {problem_key(*p) for p in load_problems(LONGPROC_TEST)} if os.path.exists(LONGPROC_TEST) else set()
 
 
 def problem_header(problem):

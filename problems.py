@@ -75,7 +75,7 @@ def check(args):
     except ValueError as e:
         return [str(e)]
     train, _ = split(problems, args.heldout or 0)
-    test = countdown.never_train_on(args.preset) if args.heldout is None else _longproc_test()
+    test = countdown.never_train_on(args.preset) if args.heldout is None else countdown.longproc_test_keys()
     clash = next((p for p in train if countdown.problem_key(*p) in test), None)
     if clash is not None:
         where = "a held-out problem of the preset" if args.heldout is None else "a problem of LongProc's test split"
@@ -86,13 +86,6 @@ def check(args):
         if saved is not None and saved != _split_record(args, problems):
             return [f"--resume: {args.data} no longer gives the run's split ({os.path.join(args.out, SPLIT)})"]
     return []
-
-
-def _longproc_test():
-    keys = set()
-    if os.path.exists(countdown.LONGPROC_TEST):
-        keys = {countdown.problem_key(*p) for p in countdown.load_problems(countdown.LONGPROC_TEST)}
-    return keys
 
 
 def _split_record(args, problems):

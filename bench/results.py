@@ -220,7 +220,50 @@ def warm(found):
     return "\n".join(lines)
 
 
-TABLES = {"robust": robust, "testbed": testbed, "changed": changed, "credits": credits, "warm": warm}
+SFT_ALONE = "sft-alone-8000"  # SFT alone for about the pipeline's 2-core minutes (bench/runner.py)
+CEILING = 0.524  # the noiseless reference search's held-out success under the 160-token budget
+
+
+def pipeline(found):
+    """The user's pipeline per seed: the warm start, + GRPO (DEFAULT_CELL: the RL defaults) with its paired
+    gain [problems], its distance above the imitation ceiling, SFT alone for the pipeline's
+    minutes, greedy failed guesses and answers out of tokens (warm start -> end), and the minutes
+    of each stage (runs sharing the machine); then the mean over seeds [t] [problems]."""
+    rl, alone = found.get(DEFAULT_CELL, {}), found.get(SFT_ALONE, {})
+    seeds = sorted(rl)
+    if not seeds:
+        return "(no records yet)"
+    lines = ["| seed | warm start | + GRPO [problems] | gain [problems] | above the ceiling | SFT alone | "
+             "failed guesses | out of tokens | minutes: warm + RL (runs side by side) |", "|---" * 9 + "|"]
+    warm = found.get("warm", {})
+    for s in seeds:
+        r = rl[s]
+        start, end = bits(r["solved_start"]), bits(r["solved_end"])
+        _, lo, hi = paired_difference([0] * len(end), end)
+        gain = paired_difference(start, end)
+        w = warm.get(s)
+        minutes = (f"{w['minutes']:.1f} ({w['runs_beside']}) + " if w else "— + ") + f"{r['minutes']:.1f} ({r['runs_beside']})"
+        lines.append(f"| {s} | {pct(rate(r['solved_start']))} | {pct(rate(r['solved_end']))}{interval(lo, hi, False)} | "
+                     f"{pct(gain[0], True)}{interval(gain[1], gain[2])} | {pct(rate(r['solved_end']) - CEILING, True)} | "
+                     f"{pct(rate(alone[s]['solved_end'])) if s in alone else '—'} | "
+                     f"{pct(r['heldout_start']['failed_guess'])} -> {pct(r['heldout_end']['failed_guess'])}% | "
+                     f"{pct(r['heldout_start']['failed_out_of_tokens'])} -> {pct(r['heldout_end']['failed_out_of_tokens'])}% "
+                     f"| {minutes} |")
+    ends = seed_interval([rate(rl[s]["solved_end"]) for s in seeds])
+    clustered = clustered_difference([([0] * len(rl[s]["solved_end"]), bits(rl[s]["solved_end"])) for s in seeds])
+    starts = seed_interval([rate(rl[s]["solved_start"]) for s in seeds])
+    gain = over_seeds({s: (bits(rl[s]["solved_start"]), bits(rl[s]["solved_end"])) for s in seeds})
+    mine = [s for s in seeds if s in alone]
+    lines.append(f"| mean [t] [problems] | {pct(starts[0])} | {pct(ends[0])}{interval(ends[1], ends[2], False)}"
+                 f"{interval(clustered[1], clustered[2], False)} | {gain} | {pct(ends[0] - CEILING, True)} | "
+                 + (f"{pct(sum(rate(alone[s]['solved_end']) for s in mine) / len(mine))} ({len(mine)} seeds)" if mine else "—")
+                 + f" | {pct(sum(rl[s]['heldout_start']['failed_guess'] for s in seeds) / len(seeds))} -> "
+                 f"{pct(sum(rl[s]['heldout_end']['failed_guess'] for s in seeds) / len(seeds))}% | | |")
+    return "\n".join(lines)
+
+
+TABLES = {"robust": robust, "testbed": testbed, "changed": changed, "credits": credits, "warm": warm,
+          "pipeline": pipeline}
 
 
 def render(name):

@@ -68,6 +68,8 @@ CELLS = {
     # demonstrator and the reference search (every move); N from a 2-core run's minutes (docs/testbed.md)
     "sft-alone-2964": ["--mode", "sft", "--steps", "2964", "--eval-every", "500"],
     "sft-every-2964": ["--mode", "sft", "--steps", "2964", "--eval-every", "500", "--skip", "0"],
+    # SFT alone for the default pipeline's user minutes on 2 cores (12 + 27: 2,500 steps took 12.0)
+    "sft-alone-8000": ["--mode", "sft", "--steps", "8000", "--eval-every", "1000"],
     # a warm start at the reference search's ceiling (1,500 steps leave 2 of 3 seeds on their learning
     # transition: docs/testbed.md), RL from it, and SFT alone for that pipeline's minutes
     # (3,000 + the 1,464 SFT steps GRPO's 250 steps cost on 2 cores)
@@ -106,6 +108,7 @@ PLANS = {  # cells in priority order, each for every seed of the plan
                 "grpo-rounds4-500", "oracle-prune", "clipo-rounds4"], SEEDS),
     "warm3000": (["warm3000", "grpo-rounds1-w3000", "grpo-rounds4-w3000", "sft-alone-4464", "sft-every-4464"], SEEDS),
     "warm5": (["warm"], (0, 1, 2, 3, 4)),  # the SFT default (batch 16, 2,500 steps) on five seeds
+    "pipeline": (["warm", "grpo-rounds4", "sft-alone-8000"], (0, 1, 2, 3, 4)),  # README's first table
     "credits": (["warm", "grpo-rounds4", "oracle-steps1", "oracle-steps2", "critic-steps1", "critic-steps2",
                  "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps2-rounds1", "grpo-rounds4-g16",
                  "clipo-g16", "clipo-rounds4"], SEEDS),

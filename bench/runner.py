@@ -24,7 +24,9 @@ back in its archive): runs on different hardware are different draws, never mixe
 has its record, `--jobs N` at a time (on CPU each gets one process and one thread: --jobs 1 keeps
 train.py's defaults, whose minutes are the ones a user sees), and with `--minutes M` stops
 launching a cell that would not finish by M (its time guessed from the finished cells of its kind)
-and stops the running ones at M (SIGTERM: train.py saves, a later `run` resumes). `--archive`
+and stops the running ones at M (SIGTERM: train.py saves, a later `run` resumes); a SIGTERM or
+Ctrl-C to the runner stops its cells the same way (they run in sessions of their own, which a
+terminal's Ctrl-C does not reach), and a cell killed before its first checkpoint starts afresh. `--archive`
 packs the records, every cell's logs and every finished SFT cell's weights into one file to copy
 back. `--store DIR` puts results/ and runs/cells/ under DIR (run experiments from a worktree of
 a fixed commit, records into the project). Tables: results.py renders them; each table in a
@@ -35,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,7 +251,12 @@ def run_cell(args):
     out = run_dir(args.where, args.cell, args.seed)
     cmd = command(args.where, args.cell, args.seed, args.jobs == 1)
     before = 0.0
-    if os.path.exists(os.path.join(out, "latest")):
+    if not os.path.exists(os.path.join(out, "latest")):  # never saved (killed hard before its first
+        for name in os.listdir(out) if os.path.isdir(out) else []:  # checkpoint): nothing to resume, start afresh
+            if name != "runner.log":
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    else:
         cmd.append("--resume")
         if os.path.exists(os.path.join(out, "seconds.json")):  # absent: a run killed hard, or begun by hand
             with open(os.path.join(out, "seconds.json")) as f:
@@ -289,7 +297,9 @@ def run_plan(args):
     def say(text):
         print(f"{(time.time() - start) / 60:5.1f} min  {text}", flush=True)
 
-    stopped = False
+    stopped, asked = False, []
+    for sig in (signal.SIGTERM, signal.SIGINT):  # cells run in sessions of their own: a stop reaches them from here
+        signal.signal(sig, lambda signum, frame: asked.append(signal.Signals(signum).name))
     while todo or running:
         for cell, seed in list(todo):
             if len(running) < args.jobs and not stopped and ready(cell, seed) and fits(cell):
@@ -304,11 +314,11 @@ def run_plan(args):
         if not running and todo and (stopped or not any(ready(c, s) and fits(c) for c, s in todo)):
             break  # what is left cannot start: its warm start failed, or no time is left
         time.sleep(1)
-        if deadline and time.time() > deadline and not stopped:
+        if not stopped and (asked or (deadline and time.time() > deadline)):
             stopped = True
             for proc, _, _ in running.values():
                 os.killpg(proc.pid, signal.SIGTERM)  # train.py saves and exits: a later run resumes it
-            say(f"--minutes {args.minutes} reached: stopping {len(running)} runs")
+            say(f"{asked[0] if asked else f'--minutes {args.minutes} reached'}: stopping {len(running)} runs")
         for key, (proc, began, beside) in list(running.items()):
             running[key][2] = max(beside, len(running))
             if proc.poll() is None:

@@ -3,6 +3,7 @@ render from the run records (no figure without its record), the renders compute 
 computation of the same records gives, and the runner fills a plan, skips what has a record and
 resumes what it stopped."""
 import json
+import shutil
 import os
 import sys
 
@@ -127,6 +128,38 @@ def test_minutes_stop_a_cell_that_a_later_run_resumes(tmp_path, monkeypatch):
     runner.main(["--store", str(tmp_path), "run", "stop", "--minutes", "0.5"])
     assert not os.path.exists(runner.record_path("cpu", "smoke-stop", 0))
     assert os.path.exists(os.path.join(runner.run_dir("cpu", "smoke-stop", 0), "latest"))
+
+
+def test_a_stop_to_the_runner_stops_its_cells_and_a_cell_never_saved_starts_afresh(tmp_path):
+    """Cells run in sessions of their own (a terminal's Ctrl-C does not reach them): a SIGTERM to
+    `runner.py run` must reach them, or they go on as orphans. The cell saves and the runner
+    exits; then, as if it had been killed before its first checkpoint, the cell keeps its logs
+    but no checkpoint, and the next `run` starts it afresh (train.py refuses a directory that
+    holds another run without --resume)."""
+    import signal
+    import subprocess
+    import time
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import runner; "
+              "runner.PLANS['stop'] = (['smoke-stop'], (0,)); runner.main(['--store', sys.argv[2], 'run', 'stop'] + sys.argv[3:])")
+    cell = os.path.join(tmp_path, "runs", "cells", "cpu", "s0", "smoke-stop")
+    proc = subprocess.Popen([sys.executable, "-c", script, os.path.join(ROOT, "bench"), str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(cell, "metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # into the run's steps
+    proc.send_signal(signal.SIGTERM)
+    said = proc.communicate(timeout=240)[0]
+    assert "SIGTERM: stopping 1 runs" in said, said
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"cells outlived their runner: {left}"
+    assert os.path.exists(os.path.join(cell, "latest"))
+    shutil.rmtree(os.path.join(cell, "checkpoints"))
+    os.remove(os.path.join(cell, "latest"))
+    said = subprocess.run([sys.executable, "-c", script, os.path.join(ROOT, "bench"), str(tmp_path), "--minutes", "0.3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240).stdout
+    assert "--minutes 0.3 reached: stopping 1 runs" in said, said
+    assert os.path.exists(os.path.join(cell, "latest"))  # it ran and saved again: not refused
 
 
 def test_a_cell_s_train_py_hears_the_stops_its_runner_ignores():

@@ -8,7 +8,7 @@
 Each class owns its flags (train.py lists them under its title), its state (the critic, its
 online trainer, CLIPO's head: checkpointed through state_dict) and its checks. Importing this
 file registers them; train.py does.
-Imports: rewards, clipo, critic, answers, distributed, torch.
+Imports: rewards, clipo, critic, critic_online, critic_data, answers, distributed, torch.
 """
 import os
 import random
@@ -19,6 +19,7 @@ import answers
 import clipo
 import critic
 import critic_data
+import critic_online
 from distributed import all_gather_lists, seed_for
 from rewards import (CREDITS, STATE_METRICS, RewardTerm, initial_values, reward_term, rollout_credit, state_credit,
                      state_values)
@@ -105,7 +106,7 @@ class CriticCredit(StateCredit):
 
     def __init__(self, run):
         self.critic = load_critic(run.args, run.rank, run.world)
-        self.trainer = critic.OnlineTrainer(self.critic, run.args.preset) if run.args.critic_online else None
+        self.trainer = critic_online.OnlineTrainer(self.critic, run.args.preset) if run.args.critic_online else None
 
     def score(self, run, rollouts, step):
         bonus, steps, metrics = super().score(run, rollouts, step)

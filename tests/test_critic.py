@@ -12,6 +12,7 @@ import answers
 import countdown
 import critic
 import critic_data
+import critic_online
 
 
 def brute_moves(numbers):
@@ -199,7 +200,7 @@ def test_online_trainer_learns_and_resumes_exactly(tmp_path):
 
     def trainer_at(steps, state=None):
         torch.manual_seed(0)
-        trainer = critic.OnlineTrainer(critic.Critic(), "tiny", batch_size=128)
+        trainer = critic_online.OnlineTrainer(critic.Critic(), "tiny", batch_size=128)
         if state is not None:
             trainer.model.load_state_dict(state["model"])
             trainer.load_state_dict(state["trainer"])
@@ -222,11 +223,11 @@ def test_online_trainer_learns_and_resumes_exactly(tmp_path):
 def test_the_online_calibration_reads_the_newest_rows():
     """After each step the newest ONLINE_CALIBRATION_ROWS rows of each size are kept, in order:
     a refit reads the policy as it is now, not the first rows the pool ever took."""
-    trainer = critic.OnlineTrainer(critic.Critic(), "tiny", batch_size=128)
+    trainer = critic_online.OnlineTrainer(critic.Critic(), "tiny", batch_size=128)
     rows = [((k % 50 + 1, 3), frozenset({k % 50 + 4}), 20 + k % 7) for k in range(1000)]
     trainer.step(random.Random(0), rows[:700])
     trainer.step(random.Random(1), rows[700:])
-    assert trainer.recent == {2: rows[-critic.ONLINE_CALIBRATION_ROWS:]}
+    assert trainer.recent == {2: rows[-critic_online.ONLINE_CALIBRATION_ROWS:]}
 
 
 def test_a_calibrated_ideal_critic_matches_the_oracle_on_written_states_of_every_size():

@@ -111,7 +111,8 @@ PLANS = {  # cells in priority order, each for every seed of the plan
                 "grpo-rounds4-500", "oracle-prune", "clipo-rounds4"], SEEDS),
     "warm3000": (["warm3000", "grpo-rounds1-w3000", "grpo-rounds4-w3000", "sft-alone-4464", "sft-every-4464"], SEEDS),
     "warm5": (["warm"], (0, 1, 2, 3, 4)),  # the SFT default (batch 16, 2,500 steps) on five seeds
-    "pipeline": (["warm", "grpo-rounds4", "sft-alone-8000"], (0, 1, 2, 3, 4)),  # README's first table
+    # the user's pipeline and SFT alone for its minutes: docs/testbed.md#the-users-pipeline-the-warm-start-then-grpo
+    "pipeline": (["warm", "grpo-rounds4", "sft-alone-8000"], (0, 1, 2, 3, 4)),
     "credits": (["warm", "grpo-rounds4", "oracle-steps1", "oracle-steps2", "critic-steps1", "critic-steps2",
                  "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps2-rounds1", "grpo-rounds4-g16",
                  "clipo-g16", "clipo-rounds4"], SEEDS),

@@ -220,11 +220,18 @@ SEARCH_COUNTS = {  # what search_counts returns per answer; the training logs ho
 }
 
 
+def written_order(completion):
+    """The order of operations a compact answer announces in its first line (`+*-/`), else
+    LongProc's (countdown.OPS): the order passed_over reads a search in."""
+    first = completion.split("\n", 1)[0]
+    return first if sorted(first) == sorted(countdown.OPS) else countdown.OPS
+
+
 def search_counts(nums, target, completion):
     """SEARCH_COUNTS of one answer: {name: int}."""
     lines = read_search(nums, target, completion)
     head = completion.split("<Solution>", 1)[0]
-    dead, live = passed_over(nums, target, lines, gave_up=countdown.NO_SOLUTION in head)
+    dead, live = passed_over(nums, target, lines, gave_up=countdown.NO_SOLUTION in head, ops=written_order(completion))
     return {"lines": len(lines), "leaf_misses": sum(len(x.child) == 1 and not x.reaches for x in lines),
             "dead_pairs": sum(len(x.child) == 2 and not x.reaches for x in lines),
             "process_errors": sum(not x.legal for x in lines), "skipped_dead": dead, "skipped_live": live}

@@ -25,15 +25,17 @@ from distributed import all_reduce, clock, seed_for
 from model import encode_prompt
 
 
-def demonstration(tokenizer, problem, style, skip, cut, rng):
-    """The completion ids of one demonstration: the written search (moves passed over with
-    probability `skip`, drawn from `rng`), EOS, all cut at `cut` tokens."""
-    trace = countdown.search_trace(*problem, style=style, skip=skip, rng=rng)
+def demonstration(tokenizer, problem, style, skip, cut, rng, orders=(countdown.OPS,)):
+    """The completion ids of one demonstration: the written search (its order of operations
+    drawn from `orders`, then moves passed over with probability `skip`, all drawn from `rng`),
+    EOS, all cut at `cut` tokens."""
+    ops = rng.choice(orders) if style == "compact" else countdown.OPS  # LongProc's demonstration keeps its order
+    trace = countdown.search_trace(*problem, style=style, ops=ops, skip=skip, rng=rng)
     return (tokenizer.encode(trace) + [tokenizer.eos_token_id])[:cut]
 
 
 @functools.lru_cache(maxsize=1)  # a pool serves 4 consecutive steps
-def sft_pool(seed, source, style, skip, cut, per_rank, pool_index, rank, tokenizer):
+def sft_pool(seed, source, style, skip, orders, cut, per_rank, pool_index, rank, tokenizer):
     """Four batches of this rank's SFT examples (prompt ids, completion ids), sorted by length so
     each batch pads little; a pure function of (seed, pool_index, rank)."""
     rng = random.Random(seed_for(seed, "sft", pool_index, rank))
@@ -41,10 +43,10 @@ def sft_pool(seed, source, style, skip, cut, per_rank, pool_index, rank, tokeniz
     pool = []
     for k in range(4 * per_rank):
         p = source.draw(rng)
-        # the skips draw from a stream of their own: the next problem never depends on this search
-        skips = random.Random(seed_for(seed, "skip", pool_index, rank, k))
+        # the order and the skips draw from a stream of their own: the next problem never depends on this search
+        blind = random.Random(seed_for(seed, "skip", pool_index, rank, k))
         pool.append((encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc"),
-                     demonstration(tokenizer, p, trace_style, skip, cut, skips)))
+                     demonstration(tokenizer, p, trace_style, skip, cut, blind, orders)))
     pool.sort(key=lambda x: len(x[0]) + len(x[1]))
     batches = [pool[k * per_rank:(k + 1) * per_rank] for k in range(4)]
     random.Random(seed_for(seed, "order", pool_index)).shuffle(batches)
@@ -55,7 +57,8 @@ def sft_step(run, step):
     """One supervised step on this rank's slice of the batch: cross-entropy of the completions."""
     args = run.args
     pool_index, part = divmod(step, 4)
-    batch = sft_pool(args.seed, run.problems, run.style, args.skip, args.cut or 2 * run.max_new_tokens,
+    batch = sft_pool(args.seed, run.problems, run.style, args.skip, tuple(args.orders.split(",")),
+                     args.cut or 2 * run.max_new_tokens,
                      args.batch_size // run.world, pool_index, run.rank, run.tokenizer)[part]
     t0 = clock(run.device)
     ids, attention, response, start = forward.pack_rollouts([b[0] for b in batch], [b[1] for b in batch],

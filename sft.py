@@ -7,10 +7,11 @@
 train.py runs the loop; this file holds the mode's data and step. The tiny model learns the
 compact trace (countdown.search_trace(..., style="compact")) after the bare prompt; a chat model
 (--prompt longproc) learns LongProc's demonstration after its chat-templated prompt. The
-demonstrations are solution-blind by construction (docs/testbed.md): each written move is
-passed over with probability --skip, drawn from a generator of its own per trace, before the
-move's outcome is known, and every demonstration is cut at --cut tokens (default twice the RL
-budget), whatever it holds. Nothing about a trace (its moves, whether it is kept, where it ends)
+demonstrations are solution-blind by construction (docs/testbed.md): a compact search tries the
+operations in one of --orders (announced in its first line), and each written move is passed
+over with probability --skip, both drawn from a generator of its own per trace before anything
+about the problem is looked at; every demonstration is cut at --cut tokens (default twice the
+RL budget), whatever it holds. Nothing about a trace (its moves, whether it is kept, where it ends)
 depends on where the solution is.
 Imports: countdown, grpo, model, distributed, torch.
 """

@@ -112,11 +112,32 @@ def test_demonstrations_are_cut_at_a_fixed_length_whatever_they_hold():
     tok = TinyTokenizer()
     lengths = []
     for k, p in enumerate(_problems(100, seed=3)):
-        whole = tok.encode(countdown.search_trace(*p, style="compact", skip=0.25, rng=random.Random(k))) + [tok.eos_token_id]
+        whole = sft.demonstration(tok, p, "compact", 0.25, 10 ** 6, random.Random(k))
         cut = sft.demonstration(tok, p, "compact", 0.25, 120, random.Random(k))
+        assert whole[-1] == tok.eos_token_id and countdown.OPS in tok.decode(whole)  # the whole written search
         assert cut == whole[:120]
         lengths.append(len(cut))
     assert max(lengths) == 120 and min(lengths) < 120  # long ones cut (no EOS), short ones whole
+
+
+def test_a_demonstration_s_order_is_drawn_blind_to_the_problem_and_announced():
+    """The same generator state gives the same order whatever the problem (the draw comes before
+    the problem is looked at), each order of `orders` comes up, and the written search is the
+    reference search in that order, announced in its first line."""
+    tok, orders = TinyTokenizer(), ("+-*/", "+*-/")
+    problems = [p for p in _problems(60, seed=5) if countdown.solvable(*p)]
+    drawn = []
+    for k in range(len(problems)):
+        firsts = set()
+        for p in problems[:5]:
+            ids = sft.demonstration(tok, p, "compact", 0.0, 10_000, random.Random(k), orders)
+            firsts.add(tok.decode(ids).split("\n", 1)[0])
+        assert len(firsts) == 1
+        drawn.append(firsts.pop())
+    assert set(drawn) == set(orders) and min(drawn.count(o) for o in orders) > len(problems) // 4
+    for k, p in enumerate(problems):
+        text = tok.decode(sft.demonstration(tok, p, "compact", 0.0, 10_000, random.Random(k), orders)[:-1])
+        assert text == countdown.search_trace(*p, style="compact", ops=drawn[k])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +198,28 @@ def test_moves_passed_over_by_hand():
     live_moves = sum(countdown.solvable(child, target) for _, child in moves)
     counts = answers.search_counts(nums, target, gave_up)
     assert counts["skipped_live"] == live_moves and counts["skipped_dead"] == len(moves) - 1 - live_moves + 3
+
+
+def test_a_search_is_read_in_the_order_it_announces():
+    """A whole reference search in any of the 24 orders passes nothing over when read in the
+    order its first line announces; leaving out its first leaf that misses passes over exactly
+    that dead move (read in LongProc's order instead, a search in another order would be
+    counted as skipping)."""
+    import itertools
+    checked = 0
+    for p in [p for p in _problems(40, seed=9) if countdown.solvable(*p)]:
+        for ops in map("".join, itertools.permutations(countdown.OPS)):
+            trace = countdown.search_trace(*p, style="compact", ops=ops)
+            counts = answers.search_counts(p.nums, p.target, trace)
+            assert counts["skipped_dead"] == counts["skipped_live"] == counts["process_errors"] == 0
+            lines = trace.split("\n")
+            miss = next((k for k, line in enumerate(lines) if "|" in line and not line.endswith(f"={p.target}|{p.target}")), None)
+            if miss is None or miss + 1 < len(lines) and "|" not in lines[miss + 1] and "[" not in lines[miss + 1]:
+                continue  # the last leaf of its state: no later move of the state shows it was passed over
+            counts = answers.search_counts(p.nums, p.target, "\n".join(lines[:miss] + lines[miss + 1:]))
+            assert (counts["skipped_dead"], counts["skipped_live"]) == (1, 0)
+            checked += 1
+    assert checked > 100
 
 
 def test_reading_agrees_on_both_styles_and_a_reference_search_has_no_errors():

@@ -26,11 +26,10 @@ from distributed import all_reduce, clock, seed_for
 from model import encode_prompt
 
 
-def demonstration(tokenizer, problem, style, skip, cut, rng, orders=(countdown.OPS,)):
-    """The completion ids of one demonstration: the written search (its order of operations
-    drawn from `orders`, then moves passed over with probability `skip`, all drawn from `rng`),
-    EOS, all cut at `cut` tokens."""
-    ops = rng.choice(orders) if style == "compact" else countdown.OPS  # LongProc's demonstration keeps its order
+def demonstration(tokenizer, problem, style, skip, cut, rng, ops=countdown.OPS):
+    """The completion ids of one demonstration: the written search (trying the operations in the
+    order `ops`, moves passed over with probability `skip`, drawn from `rng`), EOS, all cut at
+    `cut` tokens."""
     trace = countdown.search_trace(*problem, style=style, ops=ops, skip=skip, rng=rng)
     return (tokenizer.encode(trace) + [tokenizer.eos_token_id])[:cut]
 
@@ -44,10 +43,12 @@ def sft_pool(seed, source, style, skip, orders, cut, per_rank, pool_index, rank,
     pool = []
     for k in range(4 * per_rank):
         p = source.draw(rng)
-        # the order and the skips draw from a stream of their own: the next problem never depends on this search
-        blind = random.Random(seed_for(seed, "skip", pool_index, rank, k))
+        # the order and the skips draw from streams of their own, blind to the problem (and the next
+        # problem never depends on this search); LongProc's demonstration keeps its order
+        ops = countdown.OPS if style == "longproc" else random.Random(seed_for(seed, "ops", pool_index, rank, k)).choice(orders)
+        skips = random.Random(seed_for(seed, "skip", pool_index, rank, k))
         pool.append((encode_prompt(tokenizer, countdown.prompt(p, style), chat=style == "longproc"),
-                     demonstration(tokenizer, p, trace_style, skip, cut, blind, orders)))
+                     demonstration(tokenizer, p, trace_style, skip, cut, skips, ops)))
     pool.sort(key=lambda x: len(x[0]) + len(x[1]))
     batches = [pool[k * per_rank:(k + 1) * per_rank] for k in range(4)]
     random.Random(seed_for(seed, "order", pool_index)).shuffle(batches)

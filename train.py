@@ -92,10 +92,10 @@ def parser():
     sft_flags.add_argument("--skip", type=float, default=0.1,
                            help="each written move of a demonstration is passed over with this probability, blind "
                                 "to the target (countdown.search_trace); 0: the reference search, every move")
-    sft_flags.add_argument("--orders", default="+-*/,+*-/",
+    sft_flags.add_argument("--orders", default=countdown.OPS,
                            help="each compact demonstration's search tries + - * / in one of these orders (comma-"
-                                "separated; its first line announces it), drawn uniformly, blind to the problem: "
-                                "which order suits a problem is left for RL (docs/testbed.md#the-warm-start)")
+                                "separated, drawn uniformly, blind to the problem; its first line announces it), "
+                                "leaving RL to choose one per problem (docs/testbed.md#one-order-of-operations)")
     sft_flags.add_argument("--cut", type=int, help="demonstrations are cut at this many tokens (default: 2x the RL "
                                                    "budget, --max-new-tokens)")
     rl_flags = ap.add_argument_group("RL (docs/grpo.md: their TRL / verl names)")

@@ -112,32 +112,46 @@ def test_demonstrations_are_cut_at_a_fixed_length_whatever_they_hold():
     tok = TinyTokenizer()
     lengths = []
     for k, p in enumerate(_problems(100, seed=3)):
-        whole = sft.demonstration(tok, p, "compact", 0.25, 10 ** 6, random.Random(k))
+        whole = tok.encode(countdown.search_trace(*p, style="compact", skip=0.25, rng=random.Random(k))) + [tok.eos_token_id]
         cut = sft.demonstration(tok, p, "compact", 0.25, 120, random.Random(k))
-        assert whole[-1] == tok.eos_token_id and countdown.OPS in tok.decode(whole)  # the whole written search
         assert cut == whole[:120]
         lengths.append(len(cut))
     assert max(lengths) == 120 and min(lengths) < 120  # long ones cut (no EOS), short ones whole
 
 
+class _Stream:
+    """A problem source (problems.py's interface: draw(rng)) from a list, in turn, one per draw."""
+
+    def __init__(self, problems):
+        self.problems, self.at = problems, 0
+
+    def draw(self, rng):
+        rng.random()
+        self.at += 1
+        return self.problems[(self.at - 1) % len(self.problems)]
+
+
 def test_a_demonstration_s_order_is_drawn_blind_to_the_problem_and_announced():
-    """The same generator state gives the same order whatever the problem (the draw comes before
-    the problem is looked at), each order of `orders` comes up, and the written search is the
-    reference search in that order, announced in its first line."""
+    """sft_pool with two orders over two different problem streams: the k-th demonstration tries
+    the operations in the same order in both (the draw never looks at the problem), both orders
+    come up, and each demonstration is the reference search in its order, announced in its first
+    line. With the one default order, the demonstrations are the skipping searches of before."""
     tok, orders = TinyTokenizer(), ("+-*/", "+*-/")
-    problems = [p for p in _problems(60, seed=5) if countdown.solvable(*p)]
-    drawn = []
-    for k in range(len(problems)):
-        firsts = set()
-        for p in problems[:5]:
-            ids = sft.demonstration(tok, p, "compact", 0.0, 10_000, random.Random(k), orders)
-            firsts.add(tok.decode(ids).split("\n", 1)[0])
-        assert len(firsts) == 1
-        drawn.append(firsts.pop())
-    assert set(drawn) == set(orders) and min(drawn.count(o) for o in orders) > len(problems) // 4
-    for k, p in enumerate(problems):
-        text = tok.decode(sft.demonstration(tok, p, "compact", 0.0, 10_000, random.Random(k), orders)[:-1])
-        assert text == countdown.search_trace(*p, style="compact", ops=drawn[k])
+    problems = [p for p in _problems(80, seed=5) if countdown.solvable(*p)]
+    heads = []
+    for stream in (problems[:30], problems[30:60]):
+        pool = sft.sft_pool(3, _Stream(stream), "bare", 0.0, orders, 10 ** 6, 8, 0, 0, tok)
+        heads.append([])
+        for prompt, ids in sorted((x for batch in pool for x in batch), key=lambda x: tok.decode(x[0])):
+            text = tok.decode(ids[:-1])
+            heads[-1].append(text.split("\n", 1)[0])
+            nums, target = (int(x) for x in tok.decode(prompt).split("[")[1].split("]")[0].split(",")), \
+                int(tok.decode(prompt).split("Target: ")[1])
+            assert text == countdown.search_trace(tuple(nums), target, style="compact", ops=heads[-1][-1])
+    assert set(heads[0]) == set(orders)
+    assert sorted(heads[0]) == sorted(heads[1])  # the same draws, whatever the problems
+    pool = sft.sft_pool(3, _Stream(problems), "bare", 0.1, (countdown.OPS,), 10 ** 6, 8, 0, 0, tok)
+    assert all(tok.decode(ids).startswith(countdown.OPS + "\n") for batch in pool for _, ids in batch)
 
 
 # ---------------------------------------------------------------------------------------------

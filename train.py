@@ -92,10 +92,6 @@ def parser():
     sft_flags.add_argument("--skip", type=float, default=0.1,
                            help="each written move of a demonstration is passed over with this probability, blind "
                                 "to the target (countdown.search_trace); 0: the reference search, every move")
-    sft_flags.add_argument("--orders", default=countdown.OPS,
-                           help="each compact demonstration's search tries + - * / in one of these orders (comma-"
-                                "separated, drawn uniformly, blind to the problem; its first line announces it), "
-                                "leaving RL to choose one per problem (docs/testbed.md#one-order-of-operations)")
     sft_flags.add_argument("--cut", type=int, help="demonstrations are cut at this many tokens (default: 2x the RL "
                                                    "budget, --max-new-tokens)")
     rl_flags = ap.add_argument_group("RL (docs/grpo.md: their TRL / verl names)")
@@ -193,8 +189,6 @@ def check_args(args, world):
         problems.append(f"--batch-size {args.batch_size} does not divide by the {world} processes")
     if not 0 <= args.skip < 1:
         problems.append(f"--skip {args.skip}: a probability in [0, 1) (1 would write no move at all)")
-    if any(sorted(order) != sorted(countdown.OPS) for order in args.orders.split(",")):
-        problems.append(f"--orders {args.orders}: each order (comma-separated) must name each of {countdown.OPS} once")
     if args.cut is not None and args.cut < 1:
         problems.append(f"--cut {args.cut}: demonstrations need at least one token")
     if args.fsdp and world < 2:

@@ -1,27 +1,23 @@
 """The testbed's room: what not writing dead ends is worth under the token budget, what blind
 skipping costs the demonstrator, and what a model's searches write and pass over.
 
-    python bench/pruning.py                                      # ceilings, orders, demonstrators (no model), ~1 minute
+    python bench/pruning.py                                      # ceilings and demonstrators (no model), ~1 minute
     python bench/pruning.py --model runs/tiny-sft --model runs/grpo   # and each model's answers
 
 Ceilings, on the 1,000 held-out `tiny` problems (compact style, LongProc's order, the whole answer
 with its <Solution> block and EOS, the tiny tokenizer): the share whose answer fits each budget
 when the search writes every move (the reference search), every move but the leaves that miss
 (a one-step lookahead: the exact oracle decides), and also no 2-number state that cannot reach,
-with the median answer length. Orders: the same shares at the RL budget when the search tries
-the operations in each of --orders (default `+-*/` and `+*-/`), in whichever of them fits (chosen
-per problem by the oracle), or in whichever of all 24 fits. Demonstrators: the share of problems
-solved within the RL budget by SFT's default demonstrations (sft.demonstration: an order drawn
-among train.py's default --orders, each move passed over with probability P, both blind to the
-target), over 3 draws, with the mean moves written, leaf misses, moves passed over to dead ends
-and to live states, the share that ends with countdown.NO_SOLUTION and the share longer than the
-SFT cut (2x the budget).
+with the median answer length. Demonstrators: the share of problems solved within the RL
+budget when each move is passed over with probability P, blind to the target
+(countdown.search_trace(skip=P)), over 3 draws of the skips, with the mean moves written, leaf
+misses, moves passed over to dead ends and to live states, the share that ends with
+countdown.NO_SOLUTION and the share longer than the SFT cut (2x the budget).
 With --model (greedy, at --budget): success [95% Wilson], what became of the answers
 (answers.failure) and the mean per answer of answers.SEARCH_COUNTS, plus the share of answers
 that verify with a process error.
 """
 import argparse
-import itertools
 import pathlib
 import random
 import re
@@ -33,8 +29,6 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import answers  # noqa: E402
 import countdown  # noqa: E402
-import sft  # noqa: E402
-import train  # noqa: E402  (the SFT default's --orders)
 from checkpoint import check_model_dir  # noqa: E402
 from distributed import cpu_threads  # noqa: E402
 from eval import default_max_new_tokens, evaluate, percent_interval, wilson  # noqa: E402
@@ -47,11 +41,11 @@ SKIPS = (0.0, 0.1, 0.2, 0.25, 0.35, 0.5)
 _MOVE = re.compile(r"[0-9]+[-+*/][0-9]+=([0-9]+)(?: \[([0-9,]+)\]|\|[0-9]+)")
 
 
-def pruned(problem, level, ops=countdown.OPS):
-    """The reference answer (in the order `ops`) without the dead ends of `level`: 0 every move,
-    1 no leaf that misses, 2 and no 2-number state (with its leaves) that cannot reach the target."""
+def pruned(problem, level):
+    """The reference answer without the dead ends of `level`: 0 every move, 1 no leaf that
+    misses, 2 and no 2-number state (with its leaves) that cannot reach the target."""
     kept, dead = [], False
-    for line in countdown.search_trace(*problem, style="compact", ops=ops).split("\n"):
+    for line in countdown.search_trace(*problem, style="compact").split("\n"):
         move = _MOVE.fullmatch(line)
         if move is not None and move[2] is None:  # a leaf, under the newest 2-number state
             if dead or (level >= 1 and int(move[1]) != problem.target):
@@ -76,36 +70,18 @@ def ceilings(problems):
               + f" | {statistics.median(lengths):.0f} |")
 
 
-def orders(problems, budget, chosen):
-    """What choosing the order of operations per problem is worth: each of `chosen` always, the
-    one of them that fits chosen per problem (the exact oracle decides), and the best of all 24
-    orders per problem, with every move written and without the leaves that miss."""
-    tok = TinyTokenizer()
-    every = ["".join(p) for p in itertools.permutations(countdown.OPS)]
-    fits = {(ops, level): [len(tok.encode(pruned(p, level, ops))) + 1 <= budget for p in problems]
-            for ops in every for level in (0, 1)}
-    share = lambda cands, level: 100 * sum(map(any, zip(*(fits[ops, level] for ops in cands)))) / len(problems)
-    print(f"\nChoosing the order per problem (share whose answer fits {budget} tokens):\n")
-    print("| the search tries the operations | every move | no leaf that misses |\n|---|---|---|")
-    rows = [(f"always `{ops}`", [ops]) for ops in chosen]
-    rows += [("whichever of " + ", ".join(f"`{ops}`" for ops in chosen) + " fits", chosen),
-             ("whichever of the 24 orders fits", every)]
-    for name, cands in rows:
-        print(f"| {name} | {share(cands, 0):.1f}% | {share(cands, 1):.1f}% |")
-
-
-def demonstrators(problems, budget, chosen, draws=3):
+def demonstrators(problems, budget, draws=3):
     tok = TinyTokenizer()
     print(f"\nDemonstrators that pass over each move with probability P, blind to the target ({draws} draws of the "
-          f"order among {', '.join(chosen)} and of the skips, budget {budget}, cut {2 * budget}):\n")
+          f"skips, budget {budget}, cut {2 * budget}):\n")
     print("| P | solved within the budget | moves | leaf misses | passed over: dead | passed over: live | "
           "ends with no solution | longer than the cut |\n|---|---|---|---|---|---|---|---|")
     for skip in SKIPS:
         fits, counts, gave_up, long = 0, [], 0, 0
         for draw in range(draws):
             for k, p in enumerate(problems):
-                ids = sft.demonstration(tok, p, "compact", skip, 10 ** 6, random.Random(draw * 100_003 + k), chosen)
-                trace, length = tok.decode(ids[:-1]), len(ids)  # the whole demonstration, EOS in
+                trace = countdown.search_trace(*p, style="compact", skip=skip, rng=random.Random(draw * 100_003 + k))
+                length = len(tok.encode(trace)) + 1
                 fits += length <= budget and countdown.verify(p.nums, p.target, trace)
                 counts.append(answers.search_counts(p.nums, p.target, trace))
                 gave_up += countdown.NO_SOLUTION in trace
@@ -135,7 +111,6 @@ def main():
     ap.add_argument("--model", action="append", default=[], help="a model or run directory; repeat to compare")
     ap.add_argument("--budget", type=int, default=default_max_new_tokens("bare"))
     ap.add_argument("--problems", type=int, default=1000)
-    ap.add_argument("--orders", default="+-*/,+*-/", help="the orders of operations the orders table compares")
     args = ap.parse_args()
     try:
         paths = [check_model_dir(path) for path in args.model]
@@ -145,8 +120,7 @@ def main():
     problems = countdown.heldout_problems(args.problems, "tiny")
     if not paths:
         ceilings(problems)
-        orders(problems, args.budget, args.orders.split(","))
-        demonstrators(problems, args.budget, tuple(train.parser().get_default("orders").split(",")))
+        demonstrators(problems, args.budget)
     for path in paths:
         model_report(path, problems, args.budget)
 

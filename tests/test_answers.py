@@ -2,6 +2,7 @@
 answer wrote (answers.py), against independent references: a depth-first writer written here,
 hand-built traces with known counts, and a digest of the traces main wrote before skip= existed."""
 import hashlib
+import itertools
 import random
 
 import pytest
@@ -119,41 +120,6 @@ def test_demonstrations_are_cut_at_a_fixed_length_whatever_they_hold():
     assert max(lengths) == 120 and min(lengths) < 120  # long ones cut (no EOS), short ones whole
 
 
-class _Stream:
-    """A problem source (problems.py's interface: draw(rng)) from a list, in turn, one per draw."""
-
-    def __init__(self, problems):
-        self.problems, self.at = problems, 0
-
-    def draw(self, rng):
-        rng.random()
-        self.at += 1
-        return self.problems[(self.at - 1) % len(self.problems)]
-
-
-def test_a_demonstration_s_order_is_drawn_blind_to_the_problem_and_announced():
-    """sft_pool with two orders over two different problem streams: the k-th demonstration tries
-    the operations in the same order in both (the draw never looks at the problem), both orders
-    come up, and each demonstration is the reference search in its order, announced in its first
-    line. With the one default order, the demonstrations are the skipping searches of before."""
-    tok, orders = TinyTokenizer(), ("+-*/", "+*-/")
-    problems = [p for p in _problems(80, seed=5) if countdown.solvable(*p)]
-    heads = []
-    for stream in (problems[:30], problems[30:60]):
-        pool = sft.sft_pool(3, _Stream(stream), "bare", 0.0, orders, 10 ** 6, 8, 0, 0, tok)
-        heads.append([])
-        for prompt, ids in sorted((x for batch in pool for x in batch), key=lambda x: tok.decode(x[0])):
-            text = tok.decode(ids[:-1])
-            heads[-1].append(text.split("\n", 1)[0])
-            nums, target = (int(x) for x in tok.decode(prompt).split("[")[1].split("]")[0].split(",")), \
-                int(tok.decode(prompt).split("Target: ")[1])
-            assert text == countdown.search_trace(tuple(nums), target, style="compact", ops=heads[-1][-1])
-    assert set(heads[0]) == set(orders)
-    assert sorted(heads[0]) == sorted(heads[1])  # the same draws, whatever the problems
-    pool = sft.sft_pool(3, _Stream(problems), "bare", 0.1, (countdown.OPS,), 10 ** 6, 8, 0, 0, tok)
-    assert all(tok.decode(ids).startswith(countdown.OPS + "\n") for batch in pool for _, ids in batch)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading what an answer wrote
 
@@ -219,7 +185,6 @@ def test_a_search_is_read_in_the_order_it_announces():
     order its first line announces; leaving out its first leaf that misses passes over exactly
     that dead move (read in LongProc's order instead, a search in another order would be
     counted as skipping)."""
-    import itertools
     checked = 0
     for p in [p for p in _problems(40, seed=9) if countdown.solvable(*p)]:
         for ops in map("".join, itertools.permutations(countdown.OPS)):

@@ -167,7 +167,6 @@ def test_ctrl_c_saves_and_resume_is_exact(setup, mode, extra):
     (["--critic-online"], "add critic to --mode"),
     (["--mode", "critic", "--critic", "scratch"], "needs --critic-online"),
     (["--mode", "sft", "--skip", "1"], "--skip 1.0: a probability in \\[0, 1\\)"),
-    (["--mode", "sft", "--orders", "+-*/,+*-"], "--orders \\+-\\*/,\\+\\*-: each order"),
     (["--mode", "sft", "--cut", "0"], "--cut 0: demonstrations need at least one token"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, argv, message):

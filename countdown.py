@@ -1,4 +1,4 @@
-"""Countdown, the task: problems, the reference search, prompts, verification, the oracle.
+"""Countdown, the task: the rules, the reference search, prompts, verification, the oracle.
 
 Combine all n given numbers with + - * / into the target; every intermediate result must be
 a whole number in [0, 2000). A model writes a verbalised depth-first search (LongProc format),
@@ -8,12 +8,10 @@ a trace-back, then a <Solution> block of n-1 equations.
     python -m pytest tests/test_countdown.py  # its checks, incl. LongProc byte-for-byte
 
 Plain functions, standard library only (no torch): everything else imports this file,
-this file imports nothing of ours.
+this file imports nothing of ours. Where problems come from (the presets, the held-out
+problems, files): problems.py.
 """
 import functools
-import json
-import os
-import random
 import re
 from typing import NamedTuple
 
@@ -356,91 +354,6 @@ def verify(nums, target, completion):
 
 
 # ---------------------------------------------------------------------------------------------
-# Problems
-
-NUM_RANGE, TARGET_RANGE = (1, 49), (10, 50)  # LongProc's distribution for 4 numbers
-
-
-def random_problem(rng, n=4, num_range=NUM_RANGE, target_range=TARGET_RANGE, tokens=None, exclude=frozenset()):
-    """A solvable problem from the LongProc distribution, deterministic for `rng`'s state.
-
-    rng: a random.Random. tokens: (lo, hi) bounds on `trace_tokens(search_trace(...))`, the
-    difficulty knob (LongProc 0.5k: (330, 510), 2k: (1080, 2050), 8k: (4100, 8100)).
-    exclude: a set of `problem_key`s never to return (held-out / test problems).
-    """
-    for _ in range(100_000):
-        nums = tuple(rng.randint(*num_range) for _ in range(n))
-        target = rng.randint(*target_range)
-        if problem_key(nums, target) in exclude:
-            continue
-        if tokens is None:
-            if solvable(nums, target):
-                return Problem(nums, target)
-        elif solved_within(nums, target, tokens[1]):  # False: unsolvable or over the bound, found sooner
-            if tokens[0] <= trace_tokens(search_trace(nums, target)) <= tokens[1]:
-                return Problem(nums, target)
-    raise ValueError(f"no solvable problem with n={n}, numbers {num_range}, targets {target_range}, tokens {tokens}")
-
-
-HELDOUT_SEED = 20_251_122  # the held-out stream; training streams use other seeds and exclude it
-PRESETS = {  # problem distributions: keyword arguments of random_problem
-    # the built-in tiny model's: 4 one-digit numbers, searches of at most ~20 tries (CPU-sized)
-    "tiny": {"n": 4, "num_range": (1, 9), "target_range": TARGET_RANGE, "tokens": (0, 1100)},
-    # out of distribution for the tiny model: the same numbers, targets above any it trains on
-    # (the 1,500-step warm start solves none of them)
-    "tiny-ood": {"n": 4, "num_range": (1, 9), "target_range": (51, 99), "tokens": (0, 1100)},
-    # a milder shift: inputs up to 12, so about two problems in three hold an input it never saw as one
-    # (the 1,500-step warm start solves 15% of them, 300 problems: room to move either way)
-    "tiny-wide": {"n": 4, "num_range": (1, 12), "target_range": TARGET_RANGE, "tokens": (0, 1100)},
-    # LongProc's 0.5k split: 4 numbers in 1..49, 330-510 search tokens
-    "longproc": {"n": 4, "num_range": NUM_RANGE, "target_range": TARGET_RANGE, "tokens": (330, 510)},
-}
-
-
-def heldout_problems(n, preset="tiny"):
-    """The first n problems of the fixed held-out stream of a preset (the same everywhere)."""
-    return list(_heldout_stream(n, preset))
-
-
-@functools.lru_cache(maxsize=None)  # a run asks twice (what it evaluates, what it never trains on)
-def _heldout_stream(n, preset):
-    rng = random.Random(HELDOUT_SEED)
-    return tuple(random_problem(rng, **PRESETS[preset]) for _ in range(n))
-
-
-def load_problems(path):
-    """Problems from LongProc's JSON (a list of records) or our JSONL (a record per line).
-
-    Each record needs `nums` (>= 2 non-negative integers) and `target` (an integer); other
-    fields are ignored. A malformed file raises one ValueError naming the file and the record.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read problems ({e.strerror})") from None
-    try:
-        if text.lstrip().startswith("["):
-            records = list(enumerate(json.loads(text), 1))
-        else:
-            records = [(i, json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON or JSONL (line {e.lineno}: {e.msg})") from None
-    problems = []
-    for i, rec in records:
-        nums = rec.get("nums") if isinstance(rec, dict) else None
-        target = rec.get("target") if isinstance(rec, dict) else None
-        ints = isinstance(nums, list) and all(type(x) is int and x >= 0 for x in nums)
-        if not ints or len(nums) < 2 or type(target) is not int:
-            raise ValueError(f"{path}: record {i} is not a problem: expected "
-                             f'{{"nums": [>= 2 integers], "target": integer}}, got {str(rec)[:120]}')
-        problems.append(Problem(tuple(nums), target))
-    if not problems:
-        raise ValueError(f"{path}: holds no problems")
-    return problems
-
-
-# ---------------------------------------------------------------------------------------------
 # Prompts
 
 _EXAMPLE = Problem((7, 3, 12, 25), 50)  # not a LongProc test problem (checked in tests)
@@ -458,22 +371,6 @@ fraction or too large, or when the last number misses the target. Once you hit t
 trace the steps back and write the solution as a <Solution> block, one equation per line.
 """
 
-
-
-LONGPROC_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "longproc",
-                             "countdown_0.5k.json")  # LongProc's public test split, beside the clone
-
-
-@functools.lru_cache(maxsize=None)
-def never_train_on(preset="tiny"):
-    """Keys of the problems no training may see: the first 1,000 of the preset's held-out stream
-    and, when it is beside the project, every problem of LongProc's test split."""
-    return frozenset({problem_key(*p) for p in heldout_problems(1000, preset)} | longproc_test_keys())
-
-
-def longproc_test_keys():
-    """Keys of LongProc's test split when it is beside the project (never trained on), else none."""
-    return {problem_key(*p) for p in load_problems(LONGPROC_TEST)} if os.path.exists(LONGPROC_TEST) else set()
 
 
 def problem_header(problem):

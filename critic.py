@@ -50,6 +50,7 @@ from tqdm import tqdm
 import countdown
 from critic_data import SearchPool, calibration_rows, make_batch, own_target_labels
 from distributed import cpu_threads
+from problems import PRESETS, heldout_problems, never_train_on
 
 PLACES = 4              # digits per number; larger numbers are read as 9999 (never reachable anyway)
 EMPTY = 10              # the "no digit" symbol of a place beyond a number's length
@@ -199,7 +200,7 @@ def oracle_pairs(n_problems=EVAL_PROBLEMS, preset="tiny", seed=0, per_class=1000
     per_class reachable and as many unreachable pairs, drawn at random (seeded)."""
     rng = random.Random(seed)
     pools = {}
-    for problem in countdown.heldout_problems(n_problems, preset):
+    for problem in heldout_problems(n_problems, preset):
         level = [tuple(sorted(problem.nums))]
         while len(level[0]) > 1:
             level = sorted({s for parent in level for s in countdown.next_states(parent)})
@@ -255,7 +256,7 @@ def train(minutes=10.0, steps=None, sampler="hindsight", preset="tiny", batch_si
     rng = random.Random(seed)
     critic = Critic()
     optimizer = torch.optim.AdamW(critic.parameters(), lr=lr, weight_decay=0.01)
-    pool = SearchPool(rng, sampler, preset, countdown.never_train_on(preset))
+    pool = SearchPool(rng, sampler, preset, never_train_on(preset))
     log_pairs = oracle_pairs(EVAL_PROBLEMS // 2, preset, per_class=300)  # a cheap look, for the log
     start, step, history = time.time(), 0, []
     bar = tqdm(total=steps, desc=f"critic ({sampler}, {preset})", disable=not progress)
@@ -325,7 +326,7 @@ def written_pairs(n_problems=EVAL_PROBLEMS, preset="tiny"):
     n_problems held-out problems (the initial numbers included), with its own target, labelled
     by the exact oracle: the pairs a credit values, at their own base rate."""
     out = {}
-    for p in countdown.heldout_problems(n_problems, preset):
+    for p in heldout_problems(n_problems, preset):
         for state in [tuple(p.nums)] + [s for s, _ in countdown.search_states(p.nums, p.target)]:
             out.setdefault(len(state), []).append((state, p.target, countdown.solvable(state, p.target)))
     return dict(sorted(out.items(), reverse=True))
@@ -355,7 +356,7 @@ def plot_similarity(critic, sampler, preset, path, size=64, seed=123):
         print("the similarity picture needs matplotlib, an optional extra: pip install matplotlib")
         return
     rng = random.Random(seed)
-    pool = SearchPool(rng, sampler, preset, countdown.never_train_on(preset))
+    pool = SearchPool(rng, sampler, preset, never_train_on(preset))
     states, goals, _ = make_batch(rng, pool, size)
     with torch.no_grad():
         logits = critic.logits(*pad_states(states), goals)
@@ -375,7 +376,7 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--steps", type=int, help="train for this many steps instead of --minutes")
     ap.add_argument("--sampler", choices=("hindsight", "trace"), default="hindsight")
-    ap.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny", help="problems the states come from")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="problems the states come from")
     ap.add_argument("--out", default="runs/critic.safetensors")
     ap.add_argument("--eval", metavar="PATH", help="evaluate a trained critic instead of training")
     ap.add_argument("--plot", metavar="PNG", help="also draw a batch's similarity matrix")

@@ -1,6 +1,6 @@
 """The critic's rows: where (state, reached, target) come from, and how they become batches.
 
-    pool = SearchPool(random.Random(0), "hindsight", "tiny", countdown.never_train_on("tiny"))
+    pool = SearchPool(random.Random(0), "hindsight", "tiny", problems.never_train_on("tiny"))
     states, goals, known = make_batch(rng, pool, 256)       # a batch drawn per state size
     rows = written_rows(nums, target, states_written)       # hindsight rows of a search a policy wrote
     states, targets, labels = own_target_labels(rows)          # reachability labels, no oracle
@@ -17,6 +17,7 @@ import torch
 
 import answers
 import countdown
+from problems import PRESETS, never_train_on, random_problem
 
 POOL_ROWS = 20_000      # rows kept per state size; each step adds FRESH_SEARCHES new searches
 FRESH_SEARCHES = 8
@@ -24,7 +25,7 @@ FRESH_SEARCHES = 8
 
 def random_instance(rng, preset, exclude):
     """Numbers and a target from the preset's ranges, solvable or not, never a key in `exclude`."""
-    p = countdown.PRESETS[preset]
+    p = PRESETS[preset]
     while True:
         nums = tuple(rng.randint(*p["num_range"]) for _ in range(p["n"]))
         target = rng.randint(*p["target_range"])
@@ -70,7 +71,7 @@ class SearchPool(RowPool):
 
     def add_search(self):
         if self.sampler == "trace":
-            nums, target = countdown.random_problem(self.rng, exclude=self.exclude, **countdown.PRESETS[self.preset])
+            nums, target = random_problem(self.rng, exclude=self.exclude, **PRESETS[self.preset])
         else:
             nums, target = random_instance(self.rng, self.preset, self.exclude)
         self.add(self.rng, [(state, reached, target) for state, reached in countdown.search_states(nums, target)])
@@ -86,7 +87,7 @@ class SearchPool(RowPool):
 
 def size_counts(batch_size, preset):
     """Rows per state size: weight 2 for states of 2+ numbers, 1 for one-number leaves."""
-    sizes = range(countdown.PRESETS[preset]["n"] - 1, 0, -1)
+    sizes = range(PRESETS[preset]["n"] - 1, 0, -1)
     weights = [2 if k > 1 else 1 for k in sizes]
     counts = [batch_size * w // sum(weights) for w in weights]
     counts[0] += batch_size - sum(counts)
@@ -100,7 +101,7 @@ def make_batch(rng, pool, batch_size):
 
 def rows_batch(rng, rows, sampler, preset):
     """states, goals [B], known [B, B] (goal j was reached below state i: no negative for it)."""
-    lo, hi = countdown.PRESETS[preset]["target_range"]
+    lo, hi = PRESETS[preset]["target_range"]
     states, goals, known_sets = [], [], []
     for state, reached, target in rows:
         if sampler == "trace":
@@ -134,10 +135,10 @@ def calibration_rows(preset, searches=400, per_size=400, seed=0):
     """Rows of `searches` reference searches of the preset's own problems (never a held-out one),
     the initial numbers included (reached: everything the search reached), at most `per_size`
     per state size, for `calibrate`: states like the ones a policy writes toward its target."""
-    rng, exclude = random.Random(seed), countdown.never_train_on(preset)
+    rng, exclude = random.Random(seed), never_train_on(preset)
     rows = {}
     for _ in range(searches):
-        nums, target = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS[preset])
+        nums, target = random_problem(rng, exclude=exclude, **PRESETS[preset])
         states = countdown.search_states(nums, target)
         below = frozenset(v for _, reached in states for v in reached)
         for state, reached in [(tuple(nums), below), *states]:

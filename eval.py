@@ -37,6 +37,7 @@ import answers
 import countdown
 from checkpoint import check_model_dir
 from model import TinyTokenizer, encode_prompt, eos_token_ids, load_model, load_tokenizer
+from problems import PRESETS, heldout_problems, load_problems
 from sample import sample
 
 KEYS = ("success_rate", "pass_at_k", "format_error_rate", "mean_length", "tokens_per_s")
@@ -223,7 +224,7 @@ def main(argv=None):
     data = ap.add_mutually_exclusive_group()
     data.add_argument("--data", help="problems: LongProc JSON or our JSONL")
     data.add_argument("--procedural", type=int, default=1000, help="N held-out procedural problems (default)")
-    ap.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny", help="distribution of --procedural")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="distribution of --procedural")
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int)
@@ -246,7 +247,7 @@ def main(argv=None):
         ap.error("--samples K > 1 needs --temperature > 0 (greedy samples are all the same)")
     try:
         args.model = [check_model_dir(path) for path in args.model]
-        problems = countdown.load_problems(args.data) if args.data else countdown.heldout_problems(args.procedural, args.preset)
+        problems = load_problems(args.data) if args.data else heldout_problems(args.procedural, args.preset)
     except ValueError as e:
         ap.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import answers
-import countdown
 import grpo
 import problems as problem_source
 import rewards
@@ -71,8 +70,8 @@ def parser():
     run.add_argument("--grad-clip", type=float, default=1.0, help="gradients are clipped to this global norm")
     run.add_argument("--prompt", choices=("bare", "longproc"),
                      help="prompt style (default: bare for the tiny model, longproc for a chat model)")
-    run.add_argument("--preset", choices=sorted(countdown.PRESETS), default="tiny",
-                     help="problem distribution (countdown.PRESETS): tiny, or longproc (LongProc 0.5k)")
+    run.add_argument("--preset", choices=sorted(problem_source.PRESETS), default="tiny",
+                     help="problem distribution (PRESETS): tiny, or longproc (LongProc 0.5k)")
     run.add_argument("--data", help="train on the problems of this file (LongProc JSON or our JSONL; problems.py) "
                                     "(default: the preset's stream)")
     run.add_argument("--heldout", type=int, help="keep this many of --data's problems out of training: the held-out "

@@ -13,6 +13,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import countdown  # noqa: E402
+from problems import random_problem  # noqa: E402
 from tests.fuzz import solution_corpus  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def main():
     row("solvable, 4 numbers, cold cache", timed(countdown.solvable, problems))
     row("solvable, 4 numbers, warm cache", timed(countdown.solvable, problems))
     row("search_trace, 4 numbers", timed(countdown.search_trace, problems[:500]))
-    row("random_problem, LongProc 0.5k", timed(lambda r: countdown.random_problem(r, tokens=(330, 510)), [(rng,)] * 200))
+    row("random_problem, LongProc 0.5k", timed(lambda r: random_problem(r, tokens=(330, 510)), [(rng,)] * 200))
     corpus = solution_corpus(seed=0, size=10_000)
     row(f"verify, fuzz corpus ({len(corpus):,})", timed(countdown.verify, corpus))
 

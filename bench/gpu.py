@@ -43,6 +43,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 from distributed import clock  # noqa: E402
 from model import encode_prompt  # noqa: E402
+from problems import PRESETS, random_problem  # noqa: E402
 from run import build_run  # noqa: E402
 from tests.qwen_like import save_tokenizer  # noqa: E402
 
@@ -142,7 +143,7 @@ def rl_steps(model_dir):
     print(f"\nrl_step: --mode clipo --bf16 --grad-checkpointing, 8 prompts x G=8 x 1,024 new tokens "
           f"(run built in {time.perf_counter() - t:.0f} s)")
     params = sum(p.numel() for p in run.model.parameters())
-    problems = [countdown.random_problem(random.Random(i), **countdown.PRESETS["longproc"])
+    problems = [random_problem(random.Random(i), **PRESETS["longproc"])
                 for i in range(8)]
     prompt_tokens = sum(len(encode_prompt(run.tokenizer, countdown.prompt(p, "longproc"), chat=True))
                         for p in problems) / 8

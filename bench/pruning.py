@@ -33,6 +33,7 @@ from checkpoint import check_model_dir  # noqa: E402
 from distributed import cpu_threads  # noqa: E402
 from eval import default_max_new_tokens, evaluate, percent_interval, wilson  # noqa: E402
 from model import TinyTokenizer, load_model, load_tokenizer  # noqa: E402
+from problems import heldout_problems  # noqa: E402
 
 BUDGETS = (96, 128, 160, 192)
 SKIPS = (0.0, 0.1, 0.2, 0.25, 0.35, 0.5)
@@ -117,7 +118,7 @@ def main():
     except ValueError as e:
         sys.exit(f"error: {e}")
     cpu_threads(torch.device("cpu"))
-    problems = countdown.heldout_problems(args.problems, "tiny")
+    problems = heldout_problems(args.problems, "tiny")
     if not paths:
         ceilings(problems)
         demonstrators(problems, args.budget)

@@ -195,10 +195,10 @@ def write_record(where, cell, seed, device, cmd, seconds, beside):
     """The finished run's record (results/<where>/<cell>-s<seed>.json), OOD evaluation included."""
     import torch
     import transformers
-    import countdown
     from checkpoint import check_model_dir, read_args
     from eval import evaluate
     from model import load_model, load_tokenizer
+    from problems import heldout_problems
     out = run_dir(where, cell, seed)
     metrics = read_jsonl(os.path.join(out, "metrics.jsonl"))
     evals = [r for r in metrics if "heldout/success_rate" in r]
@@ -207,7 +207,7 @@ def write_record(where, cell, seed, device, cmd, seconds, beside):
     sampled = [r for r in metrics if "success_rate" in r][-25:]  # RL: the last 25 steps' rollouts
     path = check_model_dir(out)
     ood = evaluate(load_model(path, device=device), load_tokenizer(path),
-                   countdown.heldout_problems(read_args(out)["eval_problems"], OOD_PRESET))
+                   heldout_problems(read_args(out)["eval_problems"], OOD_PRESET))
     record = {
         "cell": cell, "seed": seed, "place": where, "warm_cell": WARM_OF.get(cell, "warm") if is_rl(cell) else None, "command": [relative(c) for c in cmd[1:]],
         "flags": {k: relative(v) for k, v in read_args(out).items()},

@@ -7,6 +7,7 @@ import random
 import re
 
 import countdown
+from problems import random_problem
 
 _GARBAGE_ALPHABET = "0123456789 +-*/=()\n\t<>/SolutinaswerEv[],.٣３²⁴\u2003\u200b\x00é😀"
 _TAGS = ["<Solution>", "</Solution>", "<answer>", "</answer>", "<Solution", "Solution>"]
@@ -92,7 +93,7 @@ def solution_corpus(seed=0, size=10_000):
     rng = random.Random(seed)
     corpus = []
     for _ in range(size):
-        problem = countdown.random_problem(rng, n=rng.choice([2, 3, 4, 4]))
+        problem = random_problem(rng, n=rng.choice([2, 3, 4, 4]))
         roll = rng.random()
         if roll < 0.25:
             text = _wrap(rng, _solution_lines(rng, problem))

@@ -11,11 +11,12 @@ import answers
 import countdown
 import sft
 from model import TinyTokenizer
+from problems import PRESETS, TARGET_RANGE, random_problem
 
 
 def _problems(n, seed=7, preset="tiny"):
     rng = random.Random(seed)
-    return [countdown.random_problem(rng, **countdown.PRESETS[preset]) for _ in range(n)]
+    return [random_problem(rng, **PRESETS[preset]) for _ in range(n)]
 
 
 def test_without_skips_the_traces_are_main_s_byte_for_byte():
@@ -96,7 +97,7 @@ def test_the_skips_do_not_depend_on_the_target():
     so one search's lines are the other's up to where it found its target."""
     compared = 0
     for k, p in enumerate(_problems(200, seed=13)):
-        other = p.target + 1 if p.target < countdown.TARGET_RANGE[1] else p.target - 1
+        other = p.target + 1 if p.target < TARGET_RANGE[1] else p.target - 1
         if not countdown.solvable(p.nums, other):
             continue
         a, b = (countdown.search_trace(p.nums, t, style="compact", skip=0.3, rng=random.Random(k)) for t in (p.target, other))

@@ -111,12 +111,13 @@ def test_bad_problem_files_are_one_line_before_any_model_loads(setup):
     a split could put on both sides, a preset held-out problem trained on, --heldout without a
     file or too large: each one line, and no run directory left behind."""
     import random
-    import countdown
+
+    from problems import PRESETS, heldout_problems, never_train_on, random_problem
     rng = random.Random(5)
-    good = list({countdown.random_problem(rng, exclude=countdown.never_train_on("tiny"), **countdown.PRESETS["tiny"])
+    good = list({random_problem(rng, exclude=never_train_on("tiny"), **PRESETS["tiny"])
                  for _ in range(6)})
     lines = [json.dumps({"nums": list(p.nums), "target": p.target}) for p in good]
-    heldout = countdown.heldout_problems(1, "tiny")[0]
+    heldout = heldout_problems(1, "tiny")[0]
     files = {"empty.jsonl": "", "broken.jsonl": "{nums", "wide.jsonl": '{"nums": [1, 2, 3, 40], "target": 20}\n',
              "twice.jsonl": "\n".join(lines + lines[:1]) + "\n", "mine.jsonl": "\n".join(lines) + "\n",
              "leak.jsonl": "\n".join(lines + [json.dumps({"nums": list(heldout.nums), "target": heldout.target})]) + "\n"}

@@ -7,6 +7,7 @@ import pytest
 
 import answers
 import countdown
+from problems import PRESETS, heldout_problems, load_problems, never_train_on, random_problem
 from tests.fuzz import solution_corpus
 
 
@@ -230,7 +231,7 @@ def test_extract_states_hand_case():
 def test_compact_trace_is_the_same_search():
     rng = random.Random(11)
     for _ in range(200):
-        p = countdown.random_problem(rng)
+        p = random_problem(rng)
         long, compact = countdown.search_trace(*p), countdown.search_trace(*p, style="compact")
         assert countdown.verify(p.nums, p.target, compact)
         assert countdown.solution_block(long) == countdown.solution_block(compact)
@@ -267,7 +268,7 @@ def test_each_operation_order_announces_itself_and_searches_in_it():
     rng = random.Random(5)
     for ops in (countdown.OPS, "+*/-", "*/-+"):
         for _ in range(100):
-            p = countdown.random_problem(rng, **countdown.PRESETS["tiny"])
+            p = random_problem(rng, **PRESETS["tiny"])
             trace = countdown.search_trace(*p, style="compact", ops=ops)
             assert trace.split("\n", 1)[0] == ops
             expected = _first_solution_by_brute_force(list(p.nums), p.target, ops)
@@ -299,7 +300,7 @@ def test_search_states_and_their_reached_values():
                       ((1404,), {1404}), ((20, 26), {46}), ((46,), {46})]
     rng = random.Random(5)
     for _ in range(100):  # every reached value is truly reachable (the oracle agrees)
-        p = countdown.random_problem(rng)
+        p = random_problem(rng)
         for numbers, reached in countdown.search_states(*p):
             assert reached and reached <= countdown.reachable_values(tuple(sorted(numbers)))
 
@@ -318,11 +319,11 @@ def test_extract_states_on_longproc(longproc):
 
 def test_random_problem_distribution_determinism_and_exclusion(longproc):
     held_out = {countdown.problem_key(x["nums"], x["target"]) for x in longproc}
-    a = [countdown.random_problem(random.Random(3), tokens=(330, 510), exclude=held_out) for _ in range(2)]
+    a = [random_problem(random.Random(3), tokens=(330, 510), exclude=held_out) for _ in range(2)]
     assert a[0] == a[1]
     rng = random.Random(4)
     for _ in range(40):
-        p = countdown.random_problem(rng, tokens=(330, 510), exclude=held_out)
+        p = random_problem(rng, tokens=(330, 510), exclude=held_out)
         assert countdown.problem_key(*p) not in held_out
         assert all(1 <= x <= 49 for x in p.nums) and 10 <= p.target <= 50 and len(p.nums) == 4
         assert 330 <= countdown.trace_tokens(countdown.search_trace(*p)) <= 510
@@ -331,7 +332,7 @@ def test_random_problem_distribution_determinism_and_exclusion(longproc):
     keep = sorted(space)[:3]
     exclude = space - set(keep)
     for _ in range(50):
-        p = countdown.random_problem(rng, n=2, num_range=(1, 3), target_range=(1, 6), exclude=exclude)
+        p = random_problem(rng, n=2, num_range=(1, 3), target_range=(1, 6), exclude=exclude)
         assert countdown.problem_key(*p) not in exclude
 
 
@@ -349,12 +350,12 @@ def _drawn_slowly(rng, n, num_range, target_range, tokens):
 def test_drawing_under_a_token_bound_stops_searches_early_and_draws_the_same_problems(preset, tokens):
     """solved_within stops a search whose lines alone pass the bound: the draws must be those
     of the definition, candidate for candidate (the held-out streams and every run's problems)."""
-    kwargs = {**countdown.PRESETS[preset], **({"tokens": tokens} if tokens else {})}
+    kwargs = {**PRESETS[preset], **({"tokens": tokens} if tokens else {})}
     fast, slow = random.Random(11), random.Random(11)
     for _ in range(25):
-        assert countdown.random_problem(fast, **kwargs) == _drawn_slowly(slow, **kwargs)
+        assert random_problem(fast, **kwargs) == _drawn_slowly(slow, **kwargs)
     # its premise: no line of a search log is shorter than SHORTEST_LINE characters with its newline
-    for nums, target in ((p.nums, p.target) for p in countdown.heldout_problems(200, preset)):
+    for nums, target in ((p.nums, p.target) for p in heldout_problems(200, preset)):
         trace = countdown.search_trace(nums, target)
         log = trace.split("<Search Procedure>\n")[1].split("\n</Search Procedure>")[0].splitlines()[1:]
         assert min(len(line) + 1 for line in log) >= countdown.SHORTEST_LINE
@@ -363,35 +364,35 @@ def test_drawing_under_a_token_bound_stops_searches_early_and_draws_the_same_pro
 def test_never_train_on_covers_longproc_and_the_held_out_stream(longproc):
     test_split = {countdown.problem_key(x["nums"], x["target"]) for x in longproc}
     assert len(test_split) > 150
-    for preset in countdown.PRESETS:
-        keys = countdown.never_train_on(preset)
+    for preset in PRESETS:
+        keys = never_train_on(preset)
         assert test_split <= keys
-        assert {countdown.problem_key(*p) for p in countdown.heldout_problems(1000, preset)} <= keys
+        assert {countdown.problem_key(*p) for p in heldout_problems(1000, preset)} <= keys
 
 
 def test_random_problem_impossible_range_raises():
     with pytest.raises(ValueError, match="no solvable problem"):
-        countdown.random_problem(random.Random(0), n=2, num_range=(1, 1), target_range=(5, 5))
+        random_problem(random.Random(0), n=2, num_range=(1, 1), target_range=(5, 5))
 
 
 def test_load_problems(tmp_path, longproc_path):
-    problems = countdown.load_problems(longproc_path)
+    problems = load_problems(longproc_path)
     assert len(problems) == 200 and problems[0] == countdown.Problem((21, 16, 17, 26), 46)
     good = tmp_path / "p.jsonl"
     good.write_text('{"nums": [1, 2], "target": 3}\n\n{"nums": [4, 5, 6], "target": 15, "id": 9}\n')
-    assert countdown.load_problems(good) == [countdown.Problem((1, 2), 3), countdown.Problem((4, 5, 6), 15)]
+    assert load_problems(good) == [countdown.Problem((1, 2), 3), countdown.Problem((4, 5, 6), 15)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"nums": [1, 2], "target": 3}\n{"nums": [1], "target": 3}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl: record 2"):
-        countdown.load_problems(bad)
+        load_problems(bad)
     bad.write_text('{"nums": [1, 2], "target": 3}\n{"nums": [1, 2], "target": "3"}\n')
     with pytest.raises(ValueError, match="record 2"):
-        countdown.load_problems(bad)
+        load_problems(bad)
     bad.write_text('{"nums": [1, 2], "target": 3}\n{"nums": [1, 2]')
     with pytest.raises(ValueError, match=r"bad\.jsonl: not JSON"):
-        countdown.load_problems(bad)
+        load_problems(bad)
     with pytest.raises(ValueError, match="cannot read"):
-        countdown.load_problems(tmp_path / "missing.json")
+        load_problems(tmp_path / "missing.json")
 
 
 def test_prompts(longproc):

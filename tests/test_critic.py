@@ -13,6 +13,7 @@ import countdown
 import critic
 import critic_data
 import critic_online
+from problems import PRESETS, heldout_problems, never_train_on, random_problem
 
 
 def brute_moves(numbers):
@@ -84,7 +85,7 @@ def test_auroc_against_pairwise_brute_force():
 
 
 def test_oracle_pairs_by_size_are_balanced_held_out_successors_labelled_by_brute_force():
-    problems = countdown.heldout_problems(15)
+    problems = heldout_problems(15)
     pairs = critic.oracle_pairs(n_problems=15, per_class=60)
     assert sorted(pairs) == [1, 2, 3]
     below = {}  # (state, moves from the problem's numbers) for every held-out problem, by brute force
@@ -104,7 +105,7 @@ def test_sampler_searches_only_training_problems(monkeypatch):
     searched = []
     real = countdown.search_states
     monkeypatch.setattr(countdown, "search_states", lambda nums, target: searched.append((nums, target)) or real(nums, target))
-    exclude = countdown.never_train_on("tiny")
+    exclude = never_train_on("tiny")
     for sampler in ("hindsight", "trace"):
         pool = critic_data.SearchPool(random.Random(3), sampler, "tiny", exclude, capacity=500)
         critic_data.make_batch(random.Random(4), pool, 64)
@@ -119,7 +120,7 @@ def test_sampler_searches_only_training_problems(monkeypatch):
 
 def test_hindsight_rows_are_true_by_brute_force():
     rng = random.Random(5)
-    pool = critic_data.SearchPool(rng, "hindsight", "tiny", countdown.never_train_on("tiny"), capacity=2000)
+    pool = critic_data.SearchPool(rng, "hindsight", "tiny", never_train_on("tiny"), capacity=2000)
     states, goals, known = critic_data.make_batch(rng, pool, 200)
     sizes = [len(s) for s in states]
     assert sizes.count(3) == sizes.count(2) == 2 * sizes.count(1) == 80  # 2:2:1 per state size
@@ -154,7 +155,7 @@ def test_written_rows_of_reference_traces_are_the_searches_own_rows():
     rng = random.Random(11)
     checked = 0
     while checked < 40:  # the preset's problems and solvable random instances (longer searches)
-        nums, target = (countdown.random_problem(rng, **countdown.PRESETS["tiny"]) if checked % 2
+        nums, target = (random_problem(rng, **PRESETS["tiny"]) if checked % 2
                         else critic_data.random_instance(rng, "tiny", frozenset()))
         if not countdown.solvable(nums, target):
             continue
@@ -195,7 +196,7 @@ def test_online_trainer_learns_and_resumes_exactly(tmp_path):
     rng = random.Random(13)
     rows = []
     for _ in range(300):
-        nums, target = critic_data.random_instance(rng, "tiny", countdown.never_train_on("tiny"))
+        nums, target = critic_data.random_instance(rng, "tiny", never_train_on("tiny"))
         rows += critic_data.written_rows(nums, target, _written(nums, target, "compact"))
 
     def trainer_at(steps, state=None):

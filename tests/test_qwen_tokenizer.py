@@ -18,6 +18,7 @@ import rewards
 import sample
 import sft
 import train
+from problems import heldout_problems
 from tests.qwen_like import SPECIALS, qwen_config, save_qwen_like
 
 LONGPROC_PROMPT_TOKENS = 824  # docs/real-checkpoints.md: the first held-out LongProc-preset problem's prompt
@@ -34,7 +35,7 @@ def _prefix_ends(tok, ids):
 
 
 def test_the_longproc_prompt_through_qwen_s_chat_template(tok):
-    p = countdown.heldout_problems(1, "longproc")[0]
+    p = heldout_problems(1, "longproc")[0]
     ids = models.encode_prompt(tok, countdown.prompt(p, "longproc"), chat=True)
     assert len(ids) == LONGPROC_PROMPT_TOKENS
     text = tok.decode(ids)
@@ -97,7 +98,7 @@ def test_each_credit_lands_on_the_bpe_token_that_finishes_its_state(tok):
 
 
 def test_sft_demonstrations_on_longproc_traces_round_trip(tok):
-    for k, p in enumerate(countdown.heldout_problems(20, "longproc")):
+    for k, p in enumerate(heldout_problems(20, "longproc")):
         for skip in (0.0, 0.25):
             trace = countdown.search_trace(*p, skip=skip, rng=random.Random(k))
             ids = sft.demonstration(tok, p, "longproc", skip, 2048, random.Random(k))

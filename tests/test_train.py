@@ -446,10 +446,10 @@ def test_clipo_warmup_is_fixed_when_the_run_starts(tmp_path):
 
 def _problem_file(path, count, seed):
     rng = random.Random(seed)
-    exclude = countdown.never_train_on("tiny")
+    exclude = problem_source.never_train_on("tiny")
     found = {}
     while len(found) < count:
-        p = countdown.random_problem(rng, exclude=exclude, **countdown.PRESETS["tiny"])
+        p = problem_source.random_problem(rng, exclude=exclude, **problem_source.PRESETS["tiny"])
         found[countdown.problem_key(*p)] = p
     path.write_text("".join(json.dumps({"nums": list(p.nums), "target": p.target}) + "\n" for p in found.values()))
     return list(found.values())

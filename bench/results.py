@@ -227,36 +227,43 @@ CEILING = 0.524  # the noiseless reference search's held-out success under the 1
 def pipeline(found):
     """The user's pipeline per seed: the warm start, + GRPO (DEFAULT_CELL: the RL defaults) with its paired
     gain [problems], its distance above the imitation ceiling, SFT alone for the pipeline's
-    minutes, greedy failed guesses and answers out of tokens (warm start -> end), and the minutes
-    of each stage (runs sharing the machine); then the mean over seeds [t] [problems]."""
+    minutes and GRPO's paired difference to it [problems], greedy failed guesses and answers out
+    of tokens (warm start -> end), and the minutes of each stage (runs sharing the machine); then
+    the mean over seeds [t] [problems]."""
     rl, alone = found.get(DEFAULT_CELL, {}), found.get(SFT_ALONE, {})
     seeds = sorted(rl)
     if not seeds:
         return "(no records yet)"
-    lines = ["| seed | warm start | + GRPO [problems] | gain [problems] | above the ceiling | SFT alone | "
-             "failed guesses | out of tokens | minutes: warm + RL (runs side by side) |", "|---" * 9 + "|"]
+    lines = ["| seed | warm start | + GRPO [problems] | gain [problems] | above the ceiling | SFT alone: GRPO - it "
+             "[problems] | failed guesses | out of tokens | minutes: warm + RL (runs side by side) |", "|---" * 9 + "|"]
     warm = found.get("warm", {})
     for s in seeds:
         r = rl[s]
         start, end = bits(r["solved_start"]), bits(r["solved_end"])
         _, lo, hi = paired_difference([0] * len(end), end)
         gain = paired_difference(start, end)
-        w = warm.get(s)
+        w, versus = warm.get(s), "—"
+        if s in alone:
+            over = paired_difference(bits(alone[s]["solved_end"]), end)
+            versus = f"{pct(rate(alone[s]['solved_end']))}: {pct(over[0], True)}{interval(over[1], over[2])}"
         minutes = (f"{w['minutes']:.1f} ({w['runs_beside']}) + " if w else "— + ") + f"{r['minutes']:.1f} ({r['runs_beside']})"
         lines.append(f"| {s} | {pct(rate(r['solved_start']))} | {pct(rate(r['solved_end']))}{interval(lo, hi, False)} | "
                      f"{pct(gain[0], True)}{interval(gain[1], gain[2])} | {pct(rate(r['solved_end']) - CEILING, True)} | "
-                     f"{pct(rate(alone[s]['solved_end'])) if s in alone else '—'} | "
+                     f"{versus} | "
                      f"{pct(r['heldout_start']['failed_guess'])} -> {pct(r['heldout_end']['failed_guess'])}% | "
                      f"{pct(r['heldout_start']['failed_out_of_tokens'])} -> {pct(r['heldout_end']['failed_out_of_tokens'])}% "
                      f"| {minutes} |")
     ends = seed_interval([rate(rl[s]["solved_end"]) for s in seeds])
     clustered = clustered_difference([([0] * len(rl[s]["solved_end"]), bits(rl[s]["solved_end"])) for s in seeds])
-    starts = seed_interval([rate(rl[s]["solved_start"]) for s in seeds])
+    start = sum(rate(rl[s]["solved_start"]) for s in seeds) / len(seeds)
     gain = over_seeds({s: (bits(rl[s]["solved_start"]), bits(rl[s]["solved_end"])) for s in seeds})
     mine = [s for s in seeds if s in alone]
-    lines.append(f"| mean [t] [problems] | {pct(starts[0])} | {pct(ends[0])}{interval(ends[1], ends[2], False)}"
-                 f"{interval(clustered[1], clustered[2], False)} | {gain} | {pct(ends[0] - CEILING, True)} | "
-                 + (f"{pct(sum(rate(alone[s]['solved_end']) for s in mine) / len(mine))} ({len(mine)} seeds)" if mine else "—")
+    versus = "—" if not mine else (
+        f"{pct(sum(rate(alone[s]['solved_end']) for s in mine) / len(mine))}: "
+        f"{over_seeds({s: (bits(alone[s]['solved_end']), bits(rl[s]['solved_end'])) for s in mine})}"
+        + (f" (seed{'s' * (len(mine) > 1)} {', '.join(map(str, mine))})" if len(mine) < len(seeds) else ""))
+    lines.append(f"| mean [t] [problems] | {pct(start)} | {pct(ends[0])}{interval(ends[1], ends[2], False)}"
+                 f"{interval(clustered[1], clustered[2], False)} | {gain} | {pct(ends[0] - CEILING, True)} | {versus}"
                  + f" | {pct(sum(rl[s]['heldout_start']['failed_guess'] for s in seeds) / len(seeds))} -> "
                  f"{pct(sum(rl[s]['heldout_end']['failed_guess'] for s in seeds) / len(seeds))}% | | |")
     return "\n".join(lines)

@@ -85,6 +85,26 @@ def test_credits_table_against_a_hand_computation(tmp_path, monkeypatch):
     assert clipo[9] == "0.125 |" and grpo[9] == "— |"  # the term's shift of the advantages
 
 
+def test_pipeline_table_against_a_hand_computation(tmp_path, monkeypatch):
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    records = [record("warm", 0, "0000", "1000"), record("warm", 1, "0000", "1100"),
+               record("grpo-rounds4", 0, "1000", "1110", failed_guess=0.25),
+               record("grpo-rounds4", 1, "1100", "1111"),
+               record("sft-alone-8000", 0, "0000", "0100")]
+    for r in records:
+        r["runs_beside"] = 1
+        (folder / f"{r['cell']}-s{r['seed']}.json").write_text(json.dumps(r))
+    monkeypatch.setattr(results, "RESULTS", str(tmp_path))
+    s0, s1, mean = (line.split(" | ") for line in results.render("pipeline-lab").splitlines()[2:5])
+    # 1110: differences to 0 are 1, 1, 1, 0: mean 0.75, sd 0.5, se 0.25, 0.75 +- 1.96 x 0.25
+    assert s0[1:3] == ["25.0", "75.0 [26.0, 124.0]"]
+    assert s0[3].startswith("+50.0 [") and s0[4] == f"{100 * (0.75 - results.CEILING):+.1f}"
+    assert s0[5].startswith("25.0: +50.0 [")  # SFT alone 0100, GRPO 1110: differences 1, 0, 1, 0
+    assert s1[5] == "—" and s0[6] == "0.0 -> 25.0%"
+    assert mean[1] == "37.5" and mean[5].startswith("25.0: +50.0") and mean[5].endswith("(seed 0)")
+
+
 def test_a_page_that_differs_from_its_render_is_found(fake_results, tmp_path, monkeypatch):
     page = tmp_path / "page.md"
     page.write_text("x\n<!-- table testbed-lab -->\n| stale |\n<!-- /table -->\n")

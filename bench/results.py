@@ -68,6 +68,20 @@ def over_seeds(pairs):
     return f"{pct(mean, True)}{interval(lo, hi)}{interval(clustered[1], clustered[2])}"
 
 
+def success(text):
+    """A record's per-problem string as 'rate [interval over problems]'."""
+    end = bits(text)
+    _, lo, hi = paired_difference([0] * len(end), end)
+    return f"{pct(rate(text))}{interval(lo, hi, False)}"
+
+
+def mean_success(texts):
+    """Per-problem strings of several seeds as 'mean [t over seeds] [over problems, clustered]'."""
+    mean, lo, hi = seed_interval([rate(t) for t in texts])
+    clustered = clustered_difference([([0] * len(t), bits(t)) for t in texts])
+    return f"{pct(mean)}{interval(lo, hi, False)}{interval(clustered[1], clustered[2], False)}"
+
+
 def seeds_of(row):
     return sorted(row)
 
@@ -205,16 +219,13 @@ def warm(found):
     lines = ["| seed | " + " | ".join(f"step {k:,}" for k in steps) + " | end [problems] | guesses | out of tokens "
              "| minutes (runs side by side) |", "|---" * (len(steps) + 5) + "|"]
     for s in seeds:
-        r, end = row[s], bits(row[s]["solved_end"])
-        _, lo, hi = paired_difference([0] * len(end), end)
+        r = row[s]
         lines.append(f"| {s} | " + " | ".join(pct(r["curve"].get(str(k), float("nan"))) for k in steps)
-                     + f" | {pct(rate(r['solved_end']))}{interval(lo, hi, False)} | {pct(r['heldout_end']['failed_guess'])}% "
+                     + f" | {success(r['solved_end'])} | {pct(r['heldout_end']['failed_guess'])}% "
                      f"| {pct(r['heldout_end']['failed_out_of_tokens'])}% | {r['minutes']:.1f} ({r['runs_beside']}) |")
-    mean = seed_interval([rate(row[s]["solved_end"]) for s in seeds])
-    clustered = clustered_difference([([0] * len(row[s]["solved_end"]), bits(row[s]["solved_end"])) for s in seeds])
     lines.append(f"| mean [t] [problems] | " + " | ".join(
         pct(sum(row[s]["curve"].get(str(k), 0.0) for s in seeds) / len(seeds)) for k in steps)
-        + f" | {pct(mean[0])}{interval(mean[1], mean[2], False)}{interval(clustered[1], clustered[2], False)} | "
+        + f" | {mean_success([row[s]['solved_end'] for s in seeds])} | "
         f"{pct(sum(row[s]['heldout_end']['failed_guess'] for s in seeds) / len(seeds))}% | "
         f"{pct(sum(row[s]['heldout_end']['failed_out_of_tokens'] for s in seeds) / len(seeds))}% | |")
     return "\n".join(lines)
@@ -240,21 +251,18 @@ def pipeline(found):
     for s in seeds:
         r = rl[s]
         start, end = bits(r["solved_start"]), bits(r["solved_end"])
-        _, lo, hi = paired_difference([0] * len(end), end)
         gain = paired_difference(start, end)
         w, versus = warm.get(s), "—"
         if s in alone:
             over = paired_difference(bits(alone[s]["solved_end"]), end)
             versus = f"{pct(rate(alone[s]['solved_end']))}: {pct(over[0], True)}{interval(over[1], over[2])}"
         minutes = (f"{w['minutes']:.1f} ({w['runs_beside']}) + " if w else "— + ") + f"{r['minutes']:.1f} ({r['runs_beside']})"
-        lines.append(f"| {s} | {pct(rate(r['solved_start']))} | {pct(rate(r['solved_end']))}{interval(lo, hi, False)} | "
+        lines.append(f"| {s} | {pct(rate(r['solved_start']))} | {success(r['solved_end'])} | "
                      f"{pct(gain[0], True)}{interval(gain[1], gain[2])} | {pct(rate(r['solved_end']) - CEILING, True)} | "
                      f"{versus} | "
                      f"{pct(r['heldout_start']['failed_guess'])} -> {pct(r['heldout_end']['failed_guess'])}% | "
                      f"{pct(r['heldout_start']['failed_out_of_tokens'])} -> {pct(r['heldout_end']['failed_out_of_tokens'])}% "
                      f"| {minutes} |")
-    ends = seed_interval([rate(rl[s]["solved_end"]) for s in seeds])
-    clustered = clustered_difference([([0] * len(rl[s]["solved_end"]), bits(rl[s]["solved_end"])) for s in seeds])
     start = sum(rate(rl[s]["solved_start"]) for s in seeds) / len(seeds)
     gain = over_seeds({s: (bits(rl[s]["solved_start"]), bits(rl[s]["solved_end"])) for s in seeds})
     mine = [s for s in seeds if s in alone]
@@ -262,8 +270,9 @@ def pipeline(found):
         f"{pct(sum(rate(alone[s]['solved_end']) for s in mine) / len(mine))}: "
         f"{over_seeds({s: (bits(alone[s]['solved_end']), bits(rl[s]['solved_end'])) for s in mine})}"
         + (f" (seed{'s' * (len(mine) > 1)} {', '.join(map(str, mine))})" if len(mine) < len(seeds) else ""))
-    lines.append(f"| mean [t] [problems] | {pct(start)} | {pct(ends[0])}{interval(ends[1], ends[2], False)}"
-                 f"{interval(clustered[1], clustered[2], False)} | {gain} | {pct(ends[0] - CEILING, True)} | {versus}"
+    end = sum(rate(rl[s]["solved_end"]) for s in seeds) / len(seeds)
+    lines.append(f"| mean [t] [problems] | {pct(start)} | {mean_success([rl[s]['solved_end'] for s in seeds])} | "
+                 f"{gain} | {pct(end - CEILING, True)} | {versus}"
                  + f" | {pct(sum(rl[s]['heldout_start']['failed_guess'] for s in seeds) / len(seeds))} -> "
                  f"{pct(sum(rl[s]['heldout_end']['failed_guess'] for s in seeds) / len(seeds))}% | | |")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import checkpoint
 import cli
+import countdown
 import distributed
 import eval as evaluation
 import model as models
@@ -122,7 +123,7 @@ def test_in_training_eval_uses_the_rollout_precision(tiny, tmp_path, monkeypatch
                             "failures": dict.fromkeys(train.answers.FAILURES, 0.0), "solved_with_errors": 0.0,
                             "search": dict.fromkeys(train.answers.SEARCH_COUNTS, 0.0)})
     os.makedirs(run.args.out, exist_ok=True)
-    train.heldout_success(run, [train.countdown.Problem((3, 4, 5, 6), 18)], 0)
+    train.heldout_success(run, [countdown.Problem((3, 4, 5, 6), 18)], 0)
     assert used == [torch.bfloat16]
 
 

@@ -71,7 +71,7 @@ def parser():
     run.add_argument("--prompt", choices=("bare", "longproc"),
                      help="prompt style (default: bare for the tiny model, longproc for a chat model)")
     run.add_argument("--preset", choices=sorted(problem_source.PRESETS), default="tiny",
-                     help="problem distribution (PRESETS): tiny, or longproc (LongProc 0.5k)")
+                     help="problem distribution (problems.PRESETS): tiny, or longproc (LongProc 0.5k)")
     run.add_argument("--data", help="train on the problems of this file (LongProc JSON or our JSONL; problems.py) "
                                     "(default: the preset's stream)")
     run.add_argument("--heldout", type=int, help="keep this many of --data's problems out of training: the held-out "

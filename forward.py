@@ -5,6 +5,7 @@
     out = sequence_logprobs(model, ids, attention, response, start=start, entropy=True, hidden=True)
     out.logp, out.entropy        # [N, T]: log-prob (and entropy) at each response token, 0 elsewhere
     response_mean(out.hidden, response)   # [N, H]: the mean final hidden state over the response (CLIPO)
+    micro_batches(rows, lengths, start, size, group=G)   # [(row indices, width)]: chunks sorted by length
     python bench/logprobs.py     # memory and time against the plain [rows, T, vocab] formulation
     python bench/shared_prompt.py    # a group's prompt run once vs once per row
 
@@ -25,6 +26,22 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from model import cache_keyword
+
+
+def micro_batches(rows, lengths, start, size, group=None):
+    """Rows (indices) in chunks of `size`: [(index tensor, width)], width = the columns the chunk
+    needs (its prompts end at `start`). Rows sorted by length, so a chunk pads little; with
+    `group` (G), whole groups stay together, ordered by their longest row, so a prompt-shared
+    forward runs each prompt once per chunk."""
+    if group is None:
+        order = sorted(rows, key=lambda i: lengths[i])
+    else:
+        members = {}
+        for i in sorted(rows, key=lambda i: lengths[i]):
+            members.setdefault(i // group, []).append(i)
+        order = [i for g in sorted(members, key=lambda g: lengths[members[g][-1]]) for i in members[g]]
+    return [(torch.tensor(order[k:k + size]), start + max(1, max(lengths[i] for i in order[k:k + size])))
+            for k in range(0, len(order), size)]
 
 
 class LogProbs(NamedTuple):

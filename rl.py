@@ -16,9 +16,10 @@ rl_step(run, step) fills one `Rollouts`, in six stages numbered as in the code:
     (--normalise-terms: each normalised apart), plus the rewards-to-go of the terms' step
     rewards; --mask-truncated takes cut rollouts out of the loss;
  6. update: --ppo-epochs x --minibatches clipped updates (--entropy-coef, --tis-cap).
-Forwards run in micro-batches of rows sorted by length, each cut to its longest row: rollouts
-that hit the token limit no longer pad everyone else. A group's rows stay in one micro-batch so
-each prompt runs once per forward (forward.py's prompt-shared forward; --no-shared-prompt: off).
+Forwards run in micro-batches of rows sorted by length (forward.micro_batches), each cut to its
+longest row: rollouts that hit the token limit no longer pad everyone else. A group's rows stay
+in one micro-batch so each prompt runs once per forward (forward.py's prompt-shared forward;
+--no-shared-prompt: off).
 `run` is run.Run (model, optimizer, tokenizer, flags as run.args, the mode's reward terms as
 run.terms); the step returns its metrics, each added where it is computed (metrics.StepMetrics).
 Imports: answers, countdown, forward, grpo, metrics, rewards, sample, model, distributed, torch.
@@ -69,22 +70,6 @@ class Rollouts:
     @property
     def lengths(self):
         return [len(t) for t in self.tokens]
-
-
-def micro_batches(rows, lengths, start, size, group=None):
-    """Rows (indices) in chunks of `size`: [(index tensor, width)], width = the columns the chunk
-    needs (its prompts end at `start`). Rows sorted by length, so a chunk pads little; with
-    `group` (G), whole groups stay together, ordered by their longest row, so a prompt-shared
-    forward runs each prompt once per chunk."""
-    if group is None:
-        order = sorted(rows, key=lambda i: lengths[i])
-    else:
-        members = {}
-        for i in sorted(rows, key=lambda i: lengths[i]):
-            members.setdefault(i // group, []).append(i)
-        order = [i for g in sorted(members, key=lambda g: lengths[members[g][-1]]) for i in members[g]]
-    return [(torch.tensor(order[k:k + size]), start + max(1, max(lengths[i] for i in order[k:k + size])))
-            for k in range(0, len(order), size)]
 
 
 def prompt_ids(run, idx):
@@ -185,7 +170,8 @@ def old_pass(run, r, pooled):
     r.old_logp, r.entropy = torch.zeros_like(r.response), torch.zeros_like(r.response)
     r.ref_logp = torch.zeros_like(r.response) if run.ref_model else None
     with torch.no_grad(), run.autocast():
-        chunks = micro_batches(range(len(r.tokens)), r.lengths, r.start, run.args.micro_batch, run.shared_prompt_rows)
+        chunks = forward.micro_batches(range(len(r.tokens)), r.lengths, r.start, run.args.micro_batch,
+                                       run.shared_prompt_rows)
         for idx, width in chunks:
             groups = prompt_ids(run, idx)
             idx = idx.to(r.ids.device)
@@ -239,8 +225,8 @@ def update(run, r):
     Returns the means of update_stats over them."""
     args, world, variant = run.args, run.world, loss_variant(run)
     # minibatch k: the groups g with g % M == k, so M minibatches are the same on 1 or N processes
-    minibatches = [micro_batches([i for i in range(len(r.tokens)) if (i // args.group_size) % args.minibatches == k],
-                                 r.lengths, r.start, args.micro_batch, run.shared_prompt_rows)
+    minibatches = [forward.micro_batches([i for i in range(len(r.tokens)) if (i // args.group_size) % args.minibatches == k],
+                                         r.lengths, r.start, args.micro_batch, run.shared_prompt_rows)
                    for k in range(args.minibatches)]
     counts = {}  # each minibatch's tokens and rows the loss reads, over all processes
     for k, chunks in enumerate(minibatches):

@@ -28,7 +28,8 @@ from distributed import all_reduce, clock
 LOOP = {  # the loop's keys (train.py, sft.py, rl.py); the reward terms add theirs as "<term>/<name>"
     "step": "optimizer steps done", "lr": "learning rate of the step",
     "loss": "training loss (SFT: cross-entropy per token; RL: clipped surrogate + KL)",
-    "reward_mean": "mean total reward of the rollouts", "success_rate": "fraction of rollouts that verify",
+    "reward_mean": "mean total reward of the rollouts", "success_rate": "fraction of the kept rollouts that verify (refilling keeps "
+    "groups with signal: not the policy's success; that is sampled_success_rate)",
     "format_rate": "fraction of rollouts with a parsable <Solution> block",
     "guess_rate": "fraction of rollouts with a <Solution> block after a search that never hit the target",
     "adv_std": "std of the advantages",
@@ -36,6 +37,7 @@ LOOP = {  # the loop's keys (train.py, sft.py, rl.py); the reward terms add thei
     "sampled_flat_frac": "fraction of all sampled groups (every round, every process) without signal: equal "
                          "outcomes and equal pay from each term (RewardTerm.signal); what refilling reads",
     "sampled_flat_outcome_frac": "fraction of all sampled groups whose outcomes are all equal",
+    "sampled_success_rate": "fraction of all sampled rollouts (every round, kept or not) that verify",
     "sample_rounds": "rounds of rollouts the step drew (--max-sample-rounds; mean over processes)",
     "truncated_frac": "fraction of rollouts cut by the token budget (--mask-truncated takes them out of the loss)",
     "sampler_logp_gap": "mean |sampler log-prob - trainer's old log-prob| over response tokens (bf16 rollouts, "

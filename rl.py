@@ -96,7 +96,7 @@ def draw_problems(run, step, round_):
 
 def sample_round(run, step, round_):
     """G rollouts of each problem of one round, decoded and verified: a dict of per-group lists
-    (problems, prompts) and per-row lists (tokens, sampler log-probs, finished, texts), and each
+    (problems, prompts) and per-row lists (tokens, sampler log-probs, finished, texts, solved), and each
     group's flatness: "flat", no signal in the reward the advantages are computed from (the
     outcome plus what each reward term would pay, RewardTerm.signal), and "flat_outcome", no
     signal in the outcome alone."""
@@ -116,7 +116,8 @@ def sample_round(run, step, round_):
     outcome = correct + args.format_reward * formatted
     paid = [p for p in (term.signal(run, rows, texts, correct) for term in run.terms.values()) if p is not None]
     return {"problems": problems, "prompts": prompts, "tokens": sampled.tokens, "logprobs": sampled.logprobs,
-            "finished": sampled.finished, "texts": texts, "flat": flat_groups([outcome, *paid], group),
+            "finished": sampled.finished, "texts": texts, "solved": correct.tolist(),
+            "flat": flat_groups([outcome, *paid], group),
             "flat_outcome": flat_groups([outcome], group)}
 
 
@@ -138,7 +139,7 @@ def roll_out(run, step, keep):
     solved but whose credits differ is kept), and the groups with signal come first (DAPO's
     dynamic sampling: a group of equal rewards has zero advantage). Returns the Rollouts and
     what was sampled: each group's flatness by the whole reward ("flat") and by the outcome
-    alone ("flat_outcome"), the rounds used, and every sampled token (kept or not)."""
+    alone ("flat_outcome"), the rounds used, every sampled token and every solve (kept or not)."""
     args, group = run.args, run.args.group_size
     run.refresh_rollout_model()  # with --bf16, a bf16 copy of the current weights: no autocast needed
     pooled = {}
@@ -161,7 +162,7 @@ def roll_out(run, step, keep):
                  texts=[pooled["texts"][i] for i in rows], ids=ids, attention=attention, response=response, start=start,
                  finished=[pooled["finished"][i] for i in rows], sampler_logp=sampler_logp.to(run.device))
     return r, {"flat": flat, "flat_outcome": pooled["flat_outcome"], "rounds": round_ + 1,
-               "tokens": sum(len(t) for t in pooled["tokens"])}
+               "tokens": sum(len(t) for t in pooled["tokens"]), "solved": sum(pooled["solved"])}
 
 
 def old_pass(run, r, pooled):
@@ -353,9 +354,11 @@ def rl_step(run, step):
     m.count("groups", len(r.tokens) / args.group_size)
     m.count("tokens", r.response.sum().item())
     m.count("sampled_groups", len(sampled["flat"]))  # refilling draws a number of its own on each process
+    m.count("sampled_rollouts", len(sampled["flat"]) * args.group_size)
     m.count("sampled_tokens", sampled["tokens"])
     m.mean("sampled_flat_frac", sum(sampled["flat"]), "sampled_groups")
     m.mean("sampled_flat_outcome_frac", sum(sampled["flat_outcome"]), "sampled_groups")
+    m.mean("sampled_success_rate", sampled["solved"], "sampled_rollouts")
     m.mean("sample_rounds", sampled["rounds"], "processes")
     m.mean("response_length_mean", sum(r.lengths), "rollouts")
     m.most("response_length_max", max(r.lengths))

@@ -66,10 +66,11 @@ def test_mask_truncated_trains_as_if_the_cut_rollouts_were_not_in_the_batch(tiny
 def test_sampling_rounds_go_on_until_enough_groups_have_signal(tiny, monkeypatch):
     """roll_out against the rounds drawn one at a time (sample_round): it stops at the first
     round after which `keep` groups have signal, or at --max-sample-rounds, and trains on the
-    groups with signal first, in drawn order."""
+    groups with signal first, in drawn order; its solves count every drawn rollout, kept or not
+    (sampled_success_rate: the kept ones are chosen for their signal)."""
     monkeypatch.setattr(countdown, "verify", pseudo_outcome.verify)
     run = _run(tiny, "rounds", "--max-sample-rounds", "4", "--prompts-per-step", "8")
-    checked = set()
+    checked, selected = set(), 0
     for step in range(6):
         r, sampled = rl.roll_out(run, step, keep=8)
         rounds, sampled_flat = sampled["rounds"], sampled["flat"]
@@ -82,8 +83,13 @@ def test_sampling_rounds_go_on_until_enough_groups_have_signal(tiny, monkeypatch
         chosen = rl.choose_groups(flat, 8)
         assert r.problems[::4] == [problems[g] for g in chosen]
         assert sampled_flat == flat
+        solved = sum(rewards.outcome([p for p in d["problems"] for _ in range(4)], d["texts"])[0].sum().item()
+                     for d in drawn[:expected])
+        assert sampled["solved"] == solved
+        selected += rewards.outcome(r.problems, r.texts)[0].sum().item() / len(r.texts) != solved / (len(flat) * 4)
         checked.add(expected)
     assert len(checked) > 1  # steps that needed different numbers of rounds
+    assert selected  # steps where the kept rollouts' success differs from the sampled
     one = _run(tiny, "one-round", "--max-sample-rounds", "1")  # the problems of the first round alone
     assert rl.roll_out(one, 0, keep=4)[0].problems[::4] == rl.draw_problems(one, 0, 0)
 

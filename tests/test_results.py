@@ -73,16 +73,21 @@ def test_credits_table_against_a_hand_computation(tmp_path, monkeypatch):
     records = [record("warm", 0, "0000", "1000", ood="0000"), record("warm", 1, "0000", "1000", ood="1000"),
                record("grpo-rounds4", 0, "1000", "1100", ood="1000"), record("grpo-rounds4", 1, "1000", "1110"),
                record("clipo-rounds4", 0, "1000", "1111", ood="1100", failed_guess=0.5, process_errors=0.25,
-                      skipped_dead=1.5, skipped_live=0.125, rollouts_last25={"clipo/adv_shift": 0.125})]
+                      skipped_dead=1.5, skipped_live=0.125, rollouts_last25={"clipo/adv_shift": 0.125}),
+               record("grpo-rounds4-g16", 1, "1000", "1000"), record("clipo-g16", 0, "1000", "0000"),
+               record("clipo-g16", 1, "1000", "1100")]
     for r in records:
         (folder / f"{r['cell']}-s{r['seed']}.json").write_text(json.dumps(r))
     monkeypatch.setattr(results, "RESULTS", str(tmp_path))
-    grpo, clipo = (line.split(" | ") for line in results.render("credits-lab").splitlines()[2:4])
-    assert grpo[1:3] == ["50.0", "75.0"] and grpo[3].startswith("62.5 [") and grpo[4] == "—"
+    lines = results.render("credits-lab").splitlines()
+    grpo, g16, clipo16, clipo = (line.split(" | ") for line in lines[2:6])
+    assert grpo[1:3] == ["50.0", "75.0"] and grpo[3].startswith("62.5 [") and grpo[4:6] == ["—", "—"]
     assert clipo[1:3] == ["100.0", "—"] and clipo[3] == "100.0"  # one seed: no t interval
-    assert clipo[4].startswith("+50.0 [")  # 1100 -> 1111, paired over the 4 problems
-    assert clipo[5:8] == ["50.0%", "0.25", "1.50 / 0.12"] and clipo[8].startswith("+50.0")  # OOD: 0000 -> 1100
-    assert clipo[9] == "0.125 |" and grpo[9] == "— |"  # the term's shift of the advantages
+    assert clipo[4].startswith("+50.0 [") and clipo[5] == "—"  # 1100 -> 1111, paired over the 4 problems; no control
+    assert clipo[6:9] == ["50.0%", "0.25", "1.50 / 0.12"] and clipo[9].startswith("+50.0")  # OOD: 0000 -> 1100
+    assert clipo[10] == "0.125 |" and grpo[10] == "— |"  # the term's shift of the advantages
+    # CLIPO at 16 against GRPO at 16 on the seed both have (1: 1000 -> 1100), against GRPO at 8 on both (-50, -25)
+    assert g16[5] == "—" and clipo16[5].startswith("grpo-rounds4-g16: +25.0 [") and clipo16[4].startswith("-37.5 [")
 
 
 def test_pipeline_table_against_a_hand_computation(tmp_path, monkeypatch):

@@ -28,8 +28,9 @@ from distributed import all_reduce, clock
 LOOP = {  # the loop's keys (train.py, sft.py, rl.py); the reward terms add theirs as "<term>/<name>"
     "step": "optimizer steps done", "lr": "learning rate of the step",
     "loss": "training loss (SFT: cross-entropy per token; RL: clipped surrogate + KL)",
-    "reward_mean": "mean total reward of the rollouts", "success_rate": "fraction of the kept rollouts that verify (refilling keeps "
-    "groups with signal: not the policy's success; that is sampled_success_rate)",
+    "reward_mean": "mean total reward of the rollouts",
+    "success_rate": "fraction of the kept rollouts that verify (refilling keeps groups with signal: not the "
+                    "policy's success; that is sampled_success_rate)",
     "format_rate": "fraction of rollouts with a parsable <Solution> block",
     "guess_rate": "fraction of rollouts with a <Solution> block after a search that never hit the target",
     "adv_std": "std of the advantages",

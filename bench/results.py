@@ -168,21 +168,21 @@ def changed(found):
 CREDITS = ["oracle-prune-rounds4", "oracle-steps1", "oracle-steps2", "critic-steps1", "critic-steps2",
            "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps2-rounds1", "grpo-rounds4-g16",
            "clipo-g16", "clipo-rounds4"]  # bench/runner.py's plan credits (oracle-prune-rounds4: the earlier cell)
-CONTROLS = {"oracle-steps2-rounds1": "grpo-rounds1", "clipo-g16": "grpo-rounds4-g16"}  # the GRPO cell a row differs from by its term alone
+CONTROLS = {"oracle-steps2-rounds1": "grpo-rounds1", "clipo-g16": "grpo-rounds4-g16"}  # GRPO, the row's other flags
 
 
 def credits(found):
     """Dense credit and CLIPO beside the default GRPO cell, from the same warm starts: held-out
     success at the end per seed, the mean, the paired difference to the default's end [t over
-    seeds] [problems, clustered] and to its control (CONTROLS: GRPO with the row's other flags), greedy guesses, process errors and dead / live subtrees passed
-    over per answer at the end, the OOD gain over the warm start, and how much the cell's term
-    moved the advantages per token over its last 25 steps (<term>/adv_shift; its critic's
-    3-number AUROC where it has one)."""
+    seeds] [problems, clustered] and to its control (CONTROLS: GRPO with the row's other flags),
+    greedy guesses, process errors and dead / live subtrees passed over per answer at the end, the
+    OOD gain over the warm start, and how much the cell's term moved the advantages per token over
+    its last 25 steps (<term>/adv_shift; its critic's 3-number AUROC where it has one)."""
     base = found.get(DEFAULT_CELL, {})
     seeds = sorted(base)
     lines = ["| cell | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean [t] (its seeds) | vs {DEFAULT_CELL} [t] "
-             "[problems] (paired) | vs its control (paired) | guesses (its seeds) | process errors | passed over: dead / live | OOD gain [t] "
-             "[problems] | adv shift (AUROC 3) |", "|---|" + "---|" * (len(seeds) + 8)]
+             "[problems] (paired) | vs its control (paired) | guesses (its seeds) | process errors | passed over: "
+             "dead / live | OOD gain [t] [problems] | adv shift (AUROC 3) |", "|---|" + "---|" * (len(seeds) + 8)]
     for cell in [DEFAULT_CELL, *CREDITS]:
         row = {s: r for s, r in found.get(cell, {}).items() if s in base}
         if not row:
@@ -206,8 +206,8 @@ def credits(found):
         aurocs = [row[s]["critic_auroc"]["3"] for s in mine if "critic_auroc" in row[s]]
         shift = (f"{sum(shifts) / len(shifts):.3f}" if shifts else "—") + (
             f" ({sum(aurocs) / len(aurocs):.3f})" if aurocs else "")
-        lines.append(f"| {cell} | {' | '.join(per)} | {pct(mean[0])}{interval(mean[1], mean[2], False)} | {versus} | {against} | "
-                     f"{pct(guesses)}% | {end('process_errors'):.2f} | {end('skipped_dead'):.2f} / "
+        lines.append(f"| {cell} | {' | '.join(per)} | {pct(mean[0])}{interval(mean[1], mean[2], False)} | {versus} | "
+                     f"{against} | {pct(guesses)}% | {end('process_errors'):.2f} | {end('skipped_dead'):.2f} / "
                      f"{end('skipped_live'):.2f} | {ood} | {shift} |")
     return "\n".join(lines)
 

@@ -168,16 +168,21 @@ def changed(found):
 CREDITS = ["oracle-prune-rounds4", "oracle-steps1", "oracle-steps2", "critic-steps1", "critic-steps2",
            "critic-online-scratch", "critic-online", "grpo-rounds1", "oracle-steps2-rounds1", "grpo-rounds4-g16",
            "clipo-g16", "clipo-rounds4"]  # bench/runner.py's plan credits (oracle-prune-rounds4: the earlier cell)
-CONTROLS = {"oracle-steps2-rounds1": "grpo-rounds1", "clipo-g16": "grpo-rounds4-g16"}  # GRPO, the row's other flags
+# the cell each row answers its question against: GRPO with the row's other flags, or, for a critic,
+# its upper bound (the oracle at the same coefficient) and, online, the offline critic it should match
+CONTROLS = {"oracle-steps2-rounds1": "grpo-rounds1", "clipo-g16": "grpo-rounds4-g16",
+            "critic-steps1": "oracle-steps1", "critic-steps2": "oracle-steps2",
+            "critic-online-scratch": "critic-steps2", "critic-online": "critic-steps2"}
 
 
 def credits(found):
     """Dense credit and CLIPO beside the default GRPO cell, from the same warm starts: held-out
     success at the end per seed, the mean, the paired difference to the default's end [t over
-    seeds] [problems, clustered] and to its control (CONTROLS: GRPO with the row's other flags),
-    greedy guesses, process errors and dead / live subtrees passed over per answer at the end, the
-    OOD gain over the warm start, and how much the cell's term moved the advantages per token over
-    its last 25 steps (<term>/adv_shift; its critic's 3-number AUROC where it has one)."""
+    seeds] [problems, clustered] and to its control (CONTROLS: GRPO with the row's other flags, a
+    critic's oracle, an online critic's offline one), greedy guesses, process errors and dead / live
+    subtrees passed over per answer at the end, the OOD gain over the warm start, and how much the
+    cell's term moved the advantages per token over its last 25 steps (<term>/adv_shift; its critic's
+    3-number AUROC where it has one)."""
     base = found.get(DEFAULT_CELL, {})
     seeds = sorted(base)
     lines = ["| cell | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean [t] (its seeds) | vs {DEFAULT_CELL} [t] "

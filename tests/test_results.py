@@ -75,12 +75,13 @@ def test_credits_table_against_a_hand_computation(tmp_path, monkeypatch):
                record("clipo-rounds4", 0, "1000", "1111", ood="1100", failed_guess=0.5, process_errors=0.25,
                       skipped_dead=1.5, skipped_live=0.125, rollouts_last25={"clipo/adv_shift": 0.125}),
                record("grpo-rounds4-g16", 1, "1000", "1000"), record("clipo-g16", 0, "1000", "0000"),
-               record("clipo-g16", 1, "1000", "1100")]
+               record("clipo-g16", 1, "1000", "1100"), record("oracle-steps2", 0, "1000", "1110"),
+               {**record("critic-steps2", 0, "1000", "1000"), "critic_auroc": {"3": 0.9, "2": 0.99}}]
     for r in records:
         (folder / f"{r['cell']}-s{r['seed']}.json").write_text(json.dumps(r))
     monkeypatch.setattr(results, "RESULTS", str(tmp_path))
     lines = results.render("credits-lab").splitlines()
-    grpo, g16, clipo16, clipo = (line.split(" | ") for line in lines[2:6])
+    grpo, oracle, critic, g16, clipo16, clipo = (line.split(" | ") for line in lines[2:8])
     assert grpo[1:3] == ["50.0", "75.0"] and grpo[3].startswith("62.5 [") and grpo[4:6] == ["—", "—"]
     assert clipo[1:3] == ["100.0", "—"] and clipo[3] == "100.0"  # one seed: no t interval
     assert clipo[4].startswith("+50.0 [") and clipo[5] == "—"  # 1100 -> 1111, paired over the 4 problems; no control
@@ -88,6 +89,8 @@ def test_credits_table_against_a_hand_computation(tmp_path, monkeypatch):
     assert clipo[10] == "0.125 |" and grpo[10] == "— |"  # the term's shift of the advantages
     # CLIPO at 16 against GRPO at 16 on the seed both have (1: 1000 -> 1100), against GRPO at 8 on both (-50, -25)
     assert g16[5] == "—" and clipo16[5].startswith("grpo-rounds4-g16: +25.0 [") and clipo16[4].startswith("-37.5 [")
+    # the critic against its upper bound, the oracle at the same coefficient (1110 -> 1000: -50), its AUROC beside
+    assert oracle[5] == "—" and critic[5].startswith("oracle-steps2: -50.0 [") and critic[10] == "— (0.900) |"
 
 
 def test_pipeline_table_against_a_hand_computation(tmp_path, monkeypatch):

@@ -110,7 +110,8 @@ def evaluate(model, tokenizer, problems, *, samples=1, temperature=0.0, style=No
     what became of the answers (answers.failure); "search": the mean per answer of each of
     answers.SEARCH_COUNTS (moves written, leaf misses, process errors, ...) and
     "solved_with_errors": the share of answers that verify with a process error in their search;
-    "texts" and "failure_kinds": each answer and what became of it."""
+    "texts", "failure_kinds" and "search_counts": each answer, what became of it and what its
+    search wrote."""
     style = style or default_style(tokenizer)
     max_new_tokens = max_new_tokens or default_max_new_tokens(style)
     was_training = model.training
@@ -145,7 +146,7 @@ def evaluate(model, tokenizer, problems, *, samples=1, temperature=0.0, style=No
             "failures": {kind: failures.count(kind) / len(failures) for kind in answers.FAILURES},
             "search": {key: sum(c[key] for c in counts) / len(counts) for key in answers.SEARCH_COUNTS},
             "solved_with_errors": sum(s and c["process_errors"] > 0 for s, c in zip(solved, counts)) / len(counts),
-            "texts": texts, "failure_kinds": failures}
+            "texts": texts, "failure_kinds": failures, "search_counts": counts}
 
 
 def plot(paths, out):

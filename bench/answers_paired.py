@@ -41,8 +41,7 @@ def answer_kinds(path, problems, record):
     if solved != record["solved_end"]:
         sys.exit(f"error: {path} solves other problems than its record ({solved.count('1')} against "
                  f"{record['solved_end'].count('1')}): not the record's machine or weights")
-    errors = [int(s and answers.search_counts(p.nums, p.target, text)["process_errors"] > 0)
-              for p, s, text in zip(problems, result["solved"], result["texts"])]
+    errors = [int(s and counts["process_errors"] > 0) for s, counts in zip(result["solved"], result["search_counts"])]
     kinds = {kind: [int(k == kind) for k in result["failure_kinds"]] for kind in answers.FAILURES}
     return {"solved with a process error": errors, **kinds}
 
